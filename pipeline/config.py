@@ -1,0 +1,142 @@
+"""Typed run configuration: YAML in, every stage's settings out.
+
+Each stage owns its settings class; this module composes them, applies `--set key=value`
+overrides, and turns validation errors into one line per problem that names the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.annotate import AnnotateSettings
+from stages.base import StageSettings
+from stages.embed import EmbedSettings
+from stages.ingest import CorpusSettings, IngestSettings
+from stages.mine import MineSettings
+from stages.write import WriteSettings
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is meant for the user as is."""
+
+
+class IngestOptions(IngestSettings):
+    """ingest's settings as written in the config: the corpus has its own top-level section."""
+
+    corpus: None = Field(None, exclude=True)
+
+
+class ExecutorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["ray", "local"] = "ray"
+    ray_address: str | None = Field(None, description="an existing cluster (ray://host:10001 or auto); default: embedded")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded cluster (default: all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded cluster (default: all)")
+    actors: int | None = Field(None, gt=0, description="workers per model stage (default: as many as resources allow)")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    corpus: CorpusSettings = CorpusSettings()
+    ingest: IngestOptions = IngestOptions()
+    embed: EmbedSettings = EmbedSettings()
+    mine: MineSettings = MineSettings()
+    annotate: AnnotateSettings = AnnotateSettings()
+    write: WriteSettings = WriteSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+
+    def stage_settings(self, name: str) -> StageSettings:
+        """The settings a stage runs with: its section, plus the corpus for ingest and the run seed where unset."""
+        if name == "ingest":
+            return IngestSettings(corpus=self.corpus, **self.ingest.model_dump(exclude={"corpus"}))
+        settings = getattr(self, name)
+        if "seed" in type(settings).model_fields and settings.seed is None:
+            settings = settings.model_copy(update={"seed": self.seed})
+        return settings
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), corpus: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply `key=value` overrides and `--corpus`, validate. Raises ConfigError."""
+    source = str(path) if path else "defaults"
+    data = _read_yaml(Path(path)) if path else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set mine.k=32")
+        _set(data, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+    if corpus:
+        data.setdefault("corpus", {})
+        if not isinstance(data["corpus"], dict):
+            raise ConfigError("corpus: must be a mapping with `paths`")
+        data["corpus"]["paths"] = list(corpus)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"config error ({source}):\n" + "\n".join(_explain(err) for err in e.errors())) from None
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file; `extends: other.yaml` (relative to this file) is read first and deep-merged under it."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: `extends` loops back on itself")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping of sections (corpus, embed, mine, ...)")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(p.parent / base, (*seen, p.resolve())), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set(data: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        nxt = data.get(k)
+        if not isinstance(nxt, dict):
+            nxt = data[k] = {}
+        data = nxt
+    data[keys[-1]] = value
+
+
+def _explain(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(err["loc"][:-1])
+        return f"  {loc}: unknown key; allowed here: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"  {loc}: {msg}" + ("" if err["type"] == "value_error" else f" (got {err.get('input')!r})")
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [n for n, f in model.model_fields.items() if not f.exclude]
+    return []
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"ingest": {"corpus"}}), sort_keys=False)
