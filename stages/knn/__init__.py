@@ -1,0 +1,1 @@
+"""kNN backends used by the mine stage."""
