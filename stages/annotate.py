@@ -1,0 +1,189 @@
+"""annotate: a relation description per pair (VLM), then retrieval instructions (LLM).
+
+One unit per pairs file. The describer sees the query and target images with their
+captions and writes about WORD_NUM words (drawn per request from 60..100) on what they
+share and how the target differs; the instructor turns that description into
+`instructions_per_pair` instructions, prompted with demonstrations drawn per request from
+the pool. Every answer is validated; a failing one is retried with a fresh seed, then the
+pair is rejected with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from typing import Literal
+
+from PIL import Image
+from pydantic import Field, field_validator
+
+from stages import annotations, catalog, pairs
+from stages.annotation import prompts
+from stages.annotation.backends import ChatRequest, GeneratorSettings, make_generator
+from stages.annotation.validate import Bounds, Invalid, check_description, parse_instructions
+from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
+from stages.models.encoders import check_model_path, resolve_device
+
+
+class AnnotateSettings(StageSettings):
+    describer: GeneratorSettings = GeneratorSettings(model="Qwen/Qwen2-VL-7B-Instruct", max_new_tokens=192)
+    instructor: GeneratorSettings = GeneratorSettings(model="meta-llama/Meta-Llama-3-8B-Instruct", max_new_tokens=160)
+    describe_prompt: str = "describe-v1"
+    instruct_prompt: str = "instruct-v1"
+    instructions_per_pair: int = Field(3, gt=0, le=20)
+    demonstrations: int = Field(5, ge=0, description="drawn per request from the pool")
+    demonstrations_file: str | None = Field(None, description="JSONL pool; default: the project's 50")
+    retries: int = Field(2, ge=0, description="new-seed attempts after a rejected answer")
+    image_side: int = Field(448, gt=0, description="longer side of the images shown to the describer")
+    description_words: tuple[int, int] = (20, 160)
+    instruction_words: tuple[int, int] = (4, 40)
+    caption_field: Literal["caption", "re_caption"] = "caption"
+    seed: int | None = None
+    cpus: float = Field(1.0, gt=0)
+    gpus: float | None = Field(None, ge=0, description="per worker; default 1 when a model runs on cuda")
+
+    @field_validator("describe_prompt", "instruct_prompt")
+    @classmethod
+    def _prompt_exists(cls, v: str) -> str:
+        prompts.load_prompt(v)
+        return v
+
+
+def request_seed(seed: int, pair_id: str, step: str, attempt: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{pair_id}:{step}:{attempt}".encode(), digest_size=6).digest(), "big")
+
+
+class AnnotateStage(Stage):
+    name = "annotate"
+    Settings = AnnotateSettings
+    settings: AnnotateSettings
+    loads_model = True
+
+    def resources(self) -> Resources:
+        s = self.settings
+        gpus = s.gpus
+        if gpus is None:
+            on_gpu = any(resolve_device(g.device).type == "cuda" for g in (s.describer, s.instructor))
+            gpus = 1.0 if on_gpu else 0.0
+        return Resources(cpus=s.cpus, gpus=gpus)
+
+    def check(self) -> None:
+        check_model_path(self.settings.describer.model, "annotate.describer.model")
+        check_model_path(self.settings.instructor.model, "annotate.instructor.model")
+        if self.settings.demonstrations and not self._demos():
+            raise ValueError("annotate.demonstrations_file: the demonstration pool is empty")
+
+    def _demos(self) -> tuple[prompts.Demonstration, ...]:
+        return prompts.load_demonstrations(self.settings.demonstrations_file)
+
+    def plan(self) -> list[list[Unit]]:
+        return [[Unit(u) for u in pairs.units(self.inputs["pairs"])]]
+
+    def setup(self) -> None:
+        import torch
+
+        if resolve_device(self.settings.describer.device).type == "cpu":
+            torch.set_num_threads(max(1, int(self.settings.cpus)))
+        self.describer = make_generator(self.settings.describer, vision=True)
+        self.instructor = make_generator(self.settings.instructor, vision=False)
+
+    def process(self, unit: Unit) -> Stats:
+        s = self.settings
+        rows = pairs.read(self.inputs["pairs"], unit.id)
+        stats = Stats(input=len(rows))
+        meta = catalog.lookup(
+            self.inputs["catalog"],
+            {r["query_id"] for r in rows} | {r["target_id"] for r in rows},
+            ["path", "offset", "size", "caption", "re_caption"],
+        )
+        for r in rows:
+            r.update(status=annotations.OK, error=None, description=None, instructions=None, seed=s.seed,
+                     describe_attempts=0, instruct_attempts=0, describer=self.describer.model_name,
+                     instructor=self.instructor.model_name, describe_prompt=s.describe_prompt, instruct_prompt=s.instruct_prompt,
+                     word_num=None)
+            if r["query_id"] not in meta or r["target_id"] not in meta:
+                self._reject(r, "image_not_in_catalog")
+        todo = [r for r in rows if r["status"] == annotations.OK]
+        chunk = 8 * s.describer.batch_size  # decoded images are held for one chunk only
+        for i in range(0, len(todo), chunk):
+            self._describe(todo[i : i + chunk], meta, {})
+        self._instruct([r for r in rows if r["status"] == annotations.OK], meta)
+        for r in rows:
+            if r["status"] == annotations.OK:
+                stats.output += 1
+            else:
+                stats.reject(r["error"])
+        with atomic_path(self.output / f"{unit.id}.parquet") as tmp:
+            annotations.write(tmp, rows)
+        return stats
+
+    def _describe(self, rows: list[dict], meta: dict, images: dict) -> None:
+        s = self.settings
+        template = prompts.load_prompt(s.describe_prompt)
+        bounds = Bounds(*s.description_words)
+
+        def request(r: dict, attempt: int) -> ChatRequest:
+            seed = request_seed(s.seed, r["pair_id"], "describe", attempt)
+            r["word_num"] = prompts.draw_word_num(random.Random(seed))
+            q, t = meta[r["query_id"]], meta[r["target_id"]]
+            text = prompts.describe_text(template, _caption(q, s.caption_field), _caption(t, s.caption_field), r["word_num"])
+            return ChatRequest(text, (self._image(q, images), self._image(t, images)), seed)
+
+        def accept(r: dict, answer: str) -> None:
+            r["description"] = check_description(answer, bounds)
+
+        self._with_retries(rows, "describe", self.describer, request, accept)
+
+    def _instruct(self, rows: list[dict], meta: dict) -> None:
+        s = self.settings
+        template = prompts.load_prompt(s.instruct_prompt)
+        bounds = Bounds(*s.instruction_words)
+        pool = self._demos()
+
+        def request(r: dict, attempt: int) -> ChatRequest:
+            seed = request_seed(s.seed, r["pair_id"], "instruct", attempt)
+            demos = prompts.draw_demonstrations(pool, s.demonstrations, random.Random(seed))
+            return ChatRequest(prompts.instruct_text(template, r["description"], demos, s.instructions_per_pair), (), seed)
+
+        def accept(r: dict, answer: str) -> None:
+            t = meta[r["target_id"]]
+            r["instructions"] = parse_instructions(answer, s.instructions_per_pair, bounds, [t["caption"], t["re_caption"]])
+
+        self._with_retries(rows, "instruct", self.instructor, request, accept)
+
+    def _with_retries(self, rows, step: str, generator, request, accept) -> None:
+        pending = list(rows)
+        last: dict[str, str] = {}
+        for attempt in range(self.settings.retries + 1):
+            if not pending:
+                return
+            answers = generator.generate([request(r, attempt) for r in pending])
+            still = []
+            for r, answer in zip(pending, answers):
+                r[f"{step}_attempts"] = attempt + 1
+                try:
+                    accept(r, answer)
+                except Invalid as e:
+                    last[r["pair_id"]] = e.reason
+                    still.append(r)
+            pending = still
+        for r in pending:
+            self._reject(r, f"{step}.{last[r['pair_id']]}")
+
+    @staticmethod
+    def _reject(r: dict, reason: str) -> None:
+        r["status"], r["error"] = annotations.REJECTED, reason
+
+    def _image(self, row: dict, cache: dict) -> Image.Image:
+        if row["id"] not in cache:
+            ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
+            img = Image.open(io.BytesIO(catalog.read_image_bytes(ref))).convert("RGB")
+            img.thumbnail((self.settings.image_side, self.settings.image_side), Image.Resampling.BICUBIC)
+            cache[row["id"]] = img
+        return cache[row["id"]]
+
+
+def _caption(row: dict, preferred: str) -> str:
+    other = "re_caption" if preferred == "caption" else "caption"
+    return row.get(preferred) or row.get(other) or ""

@@ -1,0 +1,1 @@
+"""Helpers of the annotate stage: prompts, answer validation, generation backends."""
