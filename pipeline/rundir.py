@@ -25,6 +25,10 @@ from typing import Any
 from stages.base import Stats, Unit, remove_stale_tmp, write_bytes_atomic
 
 
+# The stages in pipeline order; runner.PIPELINE wires them (and checks it matches this).
+STAGE_NAMES = ("ingest", "embed", "mine", "annotate", "write")
+
+
 class RunLocked(RuntimeError):
     pass
 
@@ -67,6 +71,12 @@ class Ledger:
             "finished": None,
         }
         self._write(self.stage_dir(stage) / "stage.json", new)
+
+    def replan(self, stage: str, waves: list[list[Unit]]) -> None:
+        """Later waves are planned from earlier waves' outputs: record the units as they become known."""
+        rec = self.stage_record(stage)
+        rec["units"] = [u.id for wave in waves for u in wave]
+        self._write(self.stage_dir(stage) / "stage.json", rec)
 
     def finish_stage(self, stage: str) -> None:
         rec = self.stage_record(stage)

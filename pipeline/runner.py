@@ -10,9 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import report
 from pipeline.config import RunConfig, dump_config
 from pipeline.executors import StageSpec, make_executor
-from pipeline.rundir import Ledger, RunLock, fingerprint
+from pipeline.rundir import STAGE_NAMES, Ledger, RunLock, fingerprint
 from stages.annotate import AnnotateStage
 from stages.base import Stage
 from stages.embed import EmbedStage
@@ -39,7 +40,7 @@ PIPELINE: tuple[StageWiring, ...] = (
     StageWiring(AnnotateStage, ("catalog", "pairs"), "annotations"),
     StageWiring(WriteStage, ("catalog", "embeddings", "annotations"), "triplets"),
 )
-STAGE_NAMES = tuple(w.cls.name for w in PIPELINE)
+assert tuple(w.cls.name for w in PIPELINE) == STAGE_NAMES, "rundir.STAGE_NAMES must list PIPELINE's stages in order"
 
 
 class StageOrderError(RuntimeError):
@@ -94,7 +95,9 @@ def run(cfg: RunConfig, out: Path, only: str | None = None, progress: bool = Tru
             for spec, stage in zip(all_specs, stages):
                 if spec in selected:
                     _run_stage(spec, stage, ledger, executor, progress)
-            summary = {name: ledger.summary(name) for name in STAGE_NAMES}
+            summary = report.status(out)["stages"]
+            if summary["write"]["done"]:
+                report.write_card(out)
             (out / "stats.json").write_text(json.dumps({"stages": summary, "wall_seconds": round(time.time() - t0, 1)}, indent=1) + "\n")
             return summary
         finally:
@@ -104,11 +107,14 @@ def run(cfg: RunConfig, out: Path, only: str | None = None, progress: bool = Tru
 def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress: bool) -> None:
     waves = stage.plan()
     ledger.begin_stage(spec.name, spec.fingerprint, spec.output, waves, spec.settings.model_dump(mode="json"))
-    total = sum(len(w) for w in waves)
-    with tqdm(total=total, desc=f"{spec.name:>8}", unit="unit", disable=not progress, dynamic_ncols=True) as bar:
-        for i, wave in enumerate(waves):
-            if i > 0:  # later waves may depend on the outputs of earlier ones
-                wave = stage.plan()[i]
+    with tqdm(total=sum(map(len, waves)), desc=f"{spec.name:>8}", unit="unit", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(len(waves)):
+            if i > 0:  # later waves are planned from the outputs of earlier ones
+                waves = stage.plan()
+                ledger.replan(spec.name, waves)
+                bar.total = sum(map(len, waves))
+                bar.refresh()
+            wave = waves[i]
             todo = [u for u in wave if not ledger.is_done(spec.name, u.id, spec.fingerprint)]
             bar.update(len(wave) - len(todo))
             executor.run(spec, todo, lambda rec: _advance(bar, rec))

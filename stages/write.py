@@ -179,7 +179,7 @@ class WriteStage(Stage):
 
     def _write_images(self, n: int, ids: list[str]) -> Stats:
         meta = catalog.lookup(self.inputs["catalog"], set(ids), ["path", "offset", "size"])
-        stats = Stats(input=len(ids))
+        stats = Stats()  # input/output count triplets; images are counters
         folder = self.output / IMAGES
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / f"{n:05d}.tar") as tmp:
@@ -190,10 +190,10 @@ class WriteStage(Stage):
                     try:
                         data = self._jpeg(meta[i])
                     except (KeyError, OSError):
-                        stats.reject("image_unreadable")
+                        stats.counters["images_unreadable"] += 1
                         continue
                     tar.write({"__key__": image_key(i), "jpg": data})
-                    stats.output += 1
+                    stats.counters["images"] += 1
         return stats
 
     def _write_index(self) -> Stats:
@@ -202,8 +202,7 @@ class WriteStage(Stage):
             for part in self._parts():
                 for row in part:
                     f.write(json.dumps(row["index"], ensure_ascii=False) + "\n")
-                    stats.input += 1
-                    stats.output += 1
+                    stats.counters["index_rows"] += 1
         return stats
 
     def _jpeg(self, row: dict) -> bytes:

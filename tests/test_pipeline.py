@@ -1,0 +1,176 @@
+"""The whole pipeline on a 200-image corpus, as a user runs it: both executors, resume, reruns, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+import yaml
+
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.rundir import RunLock
+
+STAGES = ("ingest", "embed", "mine", "annotate", "write")
+OUTPUTS = ("catalog", "embeddings", "pairs", "annotations", "triplets")
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every output file, by path relative to the run folder."""
+    out = {}
+    for sub in OUTPUTS:
+        for p in sorted((folder / sub).rglob("*")):
+            if p.is_file() and p.name != "README.md":
+                out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def unit_mtimes(run: Path, stage: str) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "_state" / stage / "units").glob("*.json")}
+
+
+@pytest.fixture(scope="session")
+def local_run(pipeline_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "local"
+    runner.run(load_config(pipeline_config), out, progress=False)
+    return out
+
+
+def test_local_run_produces_readable_triplets(local_run):
+    status = json.loads(cli("status", str(local_run), "--json").stdout)["stages"]
+    assert list(status) == list(STAGES) and all(s["done"] for s in status.values())
+    ingest, mine, annotate, write = (status[s] for s in ("ingest", "mine", "annotate", "write"))
+    assert ingest["input"] == 200 == ingest["output"] + sum(ingest["rejected"].values())
+    assert mine["input"] == 40 and mine["output"] == annotate["input"] > 0
+    assert annotate["input"] == annotate["output"] + sum(annotate["rejected"].values())
+    assert annotate["output"] > 0, f"no pair survived validation: {annotate['rejected']}"
+    assert write["output"] == annotate["output"]
+
+    shards = sorted(str(p) for p in (local_run / "triplets").glob("*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == write["output"]
+    for s in samples:
+        assert len(s["instructions.json"]) == 3 and all(isinstance(i, str) and i for i in s["instructions.json"])
+        meta = s["json"]
+        assert meta["spaces"] and all(0.0 < v < 1.0 for v in meta["spaces"].values())
+        assert meta["query_key"] != meta["target_key"]
+        assert "query" in meta["description"].lower() and "target" in meta["description"].lower()
+        assert s["query.jpg"].shape[2] == 3 and max(s["query.jpg"].shape[:2]) == 512
+
+    index = [json.loads(line) for line in (local_run / "triplets" / "index.jsonl").read_text().splitlines()]
+    assert len(index) == len(samples)
+    assert all(set(r) == {"q_img", "q_text", "t_img", "hns"} and r["hns"][0] == r["q_img"] for r in index)
+    card = (local_run / "triplets" / "README.md")
+    assert not card.exists() or "megasynth triplets" in card.read_text()
+
+
+def test_ray_executor_gives_the_same_bytes(local_run, pipeline_config, tmp_path):
+    out = tmp_path / "ray"
+    summary = runner.run(load_config(pipeline_config, ["executor.kind=ray"]), out, progress=False)
+    assert all(s["done"] for s in summary.values())
+    assert digest(out) == digest(local_run)
+
+
+def test_rerun_does_no_work_and_a_changed_setting_redoes_only_downstream(local_run, pipeline_config, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    before = {s: unit_mtimes(run, s) for s in STAGES}
+    runner.run(load_config(pipeline_config), run, progress=False)
+    assert {s: unit_mtimes(run, s) for s in STAGES} == before
+
+    runner.run(load_config(pipeline_config, ["mine.hard_negatives=2"]), run, progress=False)
+    after = {s: unit_mtimes(run, s) for s in STAGES}
+    assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
+    for stage in ("mine", "annotate", "write"):
+        assert all(after[stage][u] != before[stage].get(u) for u in after[stage]), stage
+    sample = json.loads((run / "triplets" / "index.jsonl").read_text().splitlines()[0])
+    assert len(sample["hns"]) <= 3
+
+
+def test_killed_run_resumes_to_the_same_bytes(local_run, pipeline_config, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(pipeline_config), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 400
+    while time.time() < deadline and not list((out / "_state" / "annotate" / "units").glob("*.json")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed mid-stage"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_state" / "write").exists()
+
+    done = cli("run", str(pipeline_config), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert digest(out) == digest(local_run)
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_status_json_shape(local_run):
+    st = json.loads(cli("status", str(local_run), "--json").stdout)
+    for name in STAGES:
+        s = st["stages"][name]
+        assert {"done", "input", "output", "rejected", "seconds"} <= set(s)
+        assert isinstance(s["rejected"], dict) and s["seconds"] >= 0
+
+
+def test_second_run_on_the_same_folder_refuses(pipeline_config, tmp_path):
+    out = tmp_path / "locked"
+    with RunLock(out):
+        r = cli("run", str(pipeline_config), "--out", str(out))
+    assert r.returncode == 2 and "another megasynth run is using" in r.stderr
+    assert not (out / "catalog").exists()
+
+
+def write_config(tmp_path: Path, pipeline_config: Path, **changes) -> Path:
+    cfg = yaml.safe_load(pipeline_config.read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"corpus__paths": ["/no/such/corpus/*.tar"]}, "corpus path not found: /no/such/corpus/*.tar"),
+        ({"embed__spaces__pattern__model": "/no/such/model"}, "embed.spaces.pattern.model: model folder /no/such/model does not exist"),
+        ({"mine__k": 0}, "mine.k: Input should be greater than 0"),
+        ({"mine__band": [0.9, 0.5]}, "mine.band: a band is [lo, hi]"),
+        ({"mine__kk": 3}, "mine.kk: unknown key; allowed here: spaces, k, band"),
+        ({"executor__kind": "spark"}, "executor.kind: Input should be 'ray' or 'local'"),
+    ],
+)
+def test_bad_input_is_one_clear_error_before_any_work(pipeline_config, tmp_path, changes, message):
+    out = tmp_path / "out"
+    r = cli("run", str(write_config(tmp_path, pipeline_config, **changes)), "--out", str(out))
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_empty_corpus_is_refused(pipeline_config, tmp_path):
+    from conftest import write_tar
+
+    empty = write_tar(tmp_path / "empty.tar", [])
+    out = tmp_path / "out"
+    r = cli("run", str(pipeline_config), "--corpus", str(empty), "--out", str(out))
+    assert r.returncode == 2 and "corpus is empty" in r.stderr and not out.exists()
