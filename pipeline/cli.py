@@ -94,6 +94,23 @@ def status(
         Console().print(report.status_table(st))
 
 
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="a run folder whose write stage has run"),
+    n: int = typer.Option(20, "-n", min=1, help="how many triplets"),
+    seed: int = typer.Option(0, "--seed", help="which random triplets"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the HTML file (default: RUN_DIR/sample.html)"),
+) -> None:
+    """Random triplets as one HTML page: images side by side with the description and instructions."""
+    from pipeline.sample import sample_page
+
+    try:
+        page = sample_page(run_dir, n, seed, out)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    console.print(f"{page}")
+
+
 @app.command("demo-models")
 def demo_models(
     corpus: List[str] = typer.Option(..., "--corpus", help="the demo corpus shards (the small VLM/LLM train on their captions)"),

@@ -7,6 +7,8 @@ what is allowed.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,24 +120,48 @@ def _set(data: dict, keys: list[str], value: Any) -> None:
 
 
 def _explain(err: dict) -> str:
-    loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        allowed = _fields_at(err["loc"][:-1])
-        return f"  {loc}: unknown key; allowed here: {', '.join(allowed)}"
+        path, parent = _walk(err["loc"][:-1])
+        allowed = [n for n, f in parent.model_fields.items() if not f.exclude] if _is_model(parent) else []
+        return f"  {path}.{err['loc'][-1]}: unknown key; allowed here: {', '.join(allowed)}"
+    path = _walk(err["loc"])[0]
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"  {path}.backend: {ctx.get('tag')!r} is not a backend; use one of {ctx.get('expected_tags')}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"  {loc}: {msg}" + ("" if err["type"] == "value_error" else f" (got {err.get('input')!r})")
+    return f"  {path}: {msg}" + ("" if err["type"] == "value_error" else f" (got {err.get('input')!r})")
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    model: Any = RunConfig
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _unwrap(t: Any) -> Any:
+    """Annotated[X, ...] -> X; X | None -> X; a union of several models -> the list of them."""
+    while typing.get_origin(t) is typing.Annotated:
+        t = typing.get_args(t)[0]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        members = [_unwrap(a) for a in typing.get_args(t) if a is not type(None)]
+        return members[0] if len(members) == 1 else members
+    return t
+
+
+def _walk(loc: tuple) -> tuple[str, Any]:
+    """The user's dotted key for a pydantic error location, and the settings class found there."""
+    names, node = [], RunConfig
     for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = field.annotation
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return [n for n, f in model.model_fields.items() if not f.exclude]
-    return []
+        if isinstance(node, list):  # a tagged union: pydantic puts the tag in the location
+            node = next((m for m in node if _is_model(m) and "backend" in m.model_fields
+                         and typing.get_args(m.model_fields["backend"].annotation) == (part,)), None)  # fmt: skip
+            continue
+        names.append(str(part))
+        if _is_model(node) and part in node.model_fields:
+            node = _unwrap(node.model_fields[part].annotation)
+        elif typing.get_origin(node) is dict:
+            node = _unwrap(typing.get_args(node)[1])
+        else:
+            node = None
+    return ".".join(names), node
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -37,7 +37,7 @@ PIPELINE: tuple[StageWiring, ...] = (
     StageWiring(IngestStage, (), "catalog"),
     StageWiring(EmbedStage, ("catalog",), "embeddings"),
     StageWiring(MineStage, ("catalog", "embeddings"), "pairs"),
-    StageWiring(AnnotateStage, ("catalog", "pairs"), "annotations"),
+    StageWiring(AnnotateStage, ("catalog", "pairs", "cache"), "annotations"),  # cache/ outlives reruns of annotate
     StageWiring(WriteStage, ("catalog", "embeddings", "annotations"), "triplets"),
 )
 assert tuple(w.cls.name for w in PIPELINE) == STAGE_NAMES, "rundir.STAGE_NAMES must list PIPELINE's stages in order"

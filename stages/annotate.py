@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from pathlib import Path
 from typing import Literal
 
 from PIL import Image
@@ -20,15 +21,16 @@ from pydantic import Field, field_validator
 
 from stages import annotations, catalog, pairs
 from stages.annotation import prompts
-from stages.annotation.backends import ChatRequest, GeneratorSettings, make_generator
+from stages.annotation.backends import ChatRequest, Failed, GeneratorSettings, TransformersSettings, gpus_needed, make_generator
+from stages.annotation.cache import AnswerCache, request_key
 from stages.annotation.validate import Bounds, Invalid, check_description, parse_instructions
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
-from stages.models.encoders import check_model_path, resolve_device
+from stages.models.encoders import check_model_path
 
 
 class AnnotateSettings(StageSettings):
-    describer: GeneratorSettings = GeneratorSettings(model="Qwen/Qwen2-VL-7B-Instruct", max_new_tokens=192)
-    instructor: GeneratorSettings = GeneratorSettings(model="meta-llama/Meta-Llama-3-8B-Instruct", max_new_tokens=160)
+    describer: GeneratorSettings = TransformersSettings(model="Qwen/Qwen2-VL-7B-Instruct", max_new_tokens=192)
+    instructor: GeneratorSettings = TransformersSettings(model="meta-llama/Meta-Llama-3-8B-Instruct", max_new_tokens=160)
     describe_prompt: str = "describe-v1"
     instruct_prompt: str = "instruct-v1"
     instructions_per_pair: int = Field(3, gt=0, le=20)
@@ -36,12 +38,15 @@ class AnnotateSettings(StageSettings):
     demonstrations_file: str | None = Field(None, description="JSONL pool; default: the project's 50")
     retries: int = Field(2, ge=0, description="new-seed attempts after a rejected answer")
     image_side: int = Field(448, gt=0, description="longer side of the images shown to the describer")
+    describe_chunk: int = Field(256, gt=0, description="pairs described per call to the backend (their images stay in memory)")
     description_words: tuple[int, int] = (20, 160)
     instruction_words: tuple[int, int] = (4, 40)
     caption_field: Literal["caption", "re_caption"] = "caption"
+    cache: bool = Field(True, description="reuse raw answers keyed by request, model, sampling and seed")
+    cache_dir: str | None = Field(None, description="where the answer cache lives; default: the run folder's cache/")
     seed: int | None = None
     cpus: float = Field(1.0, gt=0)
-    gpus: float | None = Field(None, ge=0, description="per worker; default 1 when a model runs on cuda")
+    gpus: float | None = Field(None, ge=0, description="per worker; default: what the backends need")
 
     @field_validator("describe_prompt", "instruct_prompt")
     @classmethod
@@ -62,15 +67,21 @@ class AnnotateStage(Stage):
 
     def resources(self) -> Resources:
         s = self.settings
-        gpus = s.gpus
-        if gpus is None:
-            on_gpu = any(resolve_device(g.device).type == "cuda" for g in (s.describer, s.instructor))
-            gpus = 1.0 if on_gpu else 0.0
+        gpus = s.gpus if s.gpus is not None else max(gpus_needed(s.describer), gpus_needed(s.instructor))
         return Resources(cpus=s.cpus, gpus=gpus)
 
     def check(self) -> None:
-        check_model_path(self.settings.describer.model, "annotate.describer.model")
-        check_model_path(self.settings.instructor.model, "annotate.instructor.model")
+        from stages.annotation.backends import api_key
+
+        for step in ("describer", "instructor"):
+            g = getattr(self.settings, step)
+            if g.backend == "openai":
+                try:
+                    api_key(g)
+                except ValueError as e:
+                    raise ValueError(f"annotate.{step}.{e}") from None
+            else:
+                check_model_path(g.model, f"annotate.{step}.model")
         if self.settings.demonstrations and not self._demos():
             raise ValueError("annotate.demonstrations_file: the demonstration pool is empty")
 
@@ -83,10 +94,13 @@ class AnnotateStage(Stage):
     def setup(self) -> None:
         import torch
 
-        if resolve_device(self.settings.describer.device).type == "cpu":
-            torch.set_num_threads(max(1, int(self.settings.cpus)))
+        torch.set_num_threads(max(1, int(self.settings.cpus)))  # same threads, same numbers, on any executor
         self.describer = make_generator(self.settings.describer, vision=True)
         self.instructor = make_generator(self.settings.instructor, vision=False)
+        self.cache = None
+        if self.settings.cache:
+            folder = Path(self.settings.cache_dir).expanduser() if self.settings.cache_dir else self.inputs["cache"]
+            self.cache = AnswerCache(folder / "annotate.sqlite")
 
     def process(self, unit: Unit) -> Stats:
         s = self.settings
@@ -105,9 +119,8 @@ class AnnotateStage(Stage):
             if r["query_id"] not in meta or r["target_id"] not in meta:
                 self._reject(r, "image_not_in_catalog")
         todo = [r for r in rows if r["status"] == annotations.OK]
-        chunk = 8 * s.describer.batch_size  # decoded images are held for one chunk only
-        for i in range(0, len(todo), chunk):
-            self._describe(todo[i : i + chunk], meta, {})
+        for i in range(0, len(todo), s.describe_chunk):  # decoded images are held for one chunk only
+            self._describe(todo[i : i + s.describe_chunk], meta, {})
         self._instruct([r for r in rows if r["status"] == annotations.OK], meta)
         for r in rows:
             if r["status"] == annotations.OK:
@@ -133,7 +146,7 @@ class AnnotateStage(Stage):
         def accept(r: dict, answer: str) -> None:
             r["description"] = check_description(answer, bounds)
 
-        self._with_retries(rows, "describe", self.describer, request, accept)
+        self._with_retries(rows, "describe", self.describer, s.describer, request, accept)
 
     def _instruct(self, rows: list[dict], meta: dict) -> None:
         s = self.settings
@@ -150,19 +163,21 @@ class AnnotateStage(Stage):
             t = meta[r["target_id"]]
             r["instructions"] = parse_instructions(answer, s.instructions_per_pair, bounds, [t["caption"], t["re_caption"]])
 
-        self._with_retries(rows, "instruct", self.instructor, request, accept)
+        self._with_retries(rows, "instruct", self.instructor, s.instructor, request, accept)
 
-    def _with_retries(self, rows, step: str, generator, request, accept) -> None:
+    def _with_retries(self, rows, step: str, generator, settings, request, accept) -> None:
         pending = list(rows)
         last: dict[str, str] = {}
         for attempt in range(self.settings.retries + 1):
             if not pending:
                 return
-            answers = generator.generate([request(r, attempt) for r in pending])
+            answers = self._answers(step, generator, settings, [request(r, attempt) for r in pending])
             still = []
             for r, answer in zip(pending, answers):
                 r[f"{step}_attempts"] = attempt + 1
                 try:
+                    if isinstance(answer, Failed):
+                        raise Invalid(answer.reason)
                     accept(r, answer)
                 except Invalid as e:
                     last[r["pair_id"]] = e.reason
@@ -171,6 +186,20 @@ class AnnotateStage(Stage):
         for r in pending:
             self._reject(r, f"{step}.{last[r['pair_id']]}")
 
+    def _answers(self, step: str, generator, settings, requests: list[ChatRequest]) -> list:
+        """Answers from the cache where present; the rest generated and cached (failures are not cached)."""
+        if self.cache is None:
+            return generator.generate(requests)
+        keys = [request_key(step, settings.answer_fingerprint(), r) for r in requests]
+        known = self.cache.get_many(keys)
+        todo = [i for i, k in enumerate(keys) if k not in known]
+        fresh = generator.generate([requests[i] for i in todo]) if todo else []
+        self.cache.put_many({keys[i]: a for i, a in zip(todo, fresh) if isinstance(a, str)})
+        answers = [known.get(k) for k in keys]
+        for i, a in zip(todo, fresh):
+            answers[i] = a
+        return answers
+
     @staticmethod
     def _reject(r: dict, reason: str) -> None:
         r["status"], r["error"] = annotations.REJECTED, reason
@@ -178,8 +207,10 @@ class AnnotateStage(Stage):
     def _image(self, row: dict, cache: dict) -> Image.Image:
         if row["id"] not in cache:
             ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
-            img = Image.open(io.BytesIO(catalog.read_image_bytes(ref))).convert("RGB")
+            data = catalog.read_image_bytes(ref)
+            img = Image.open(io.BytesIO(data)).convert("RGB")
             img.thumbnail((self.settings.image_side, self.settings.image_side), Image.Resampling.BICUBIC)
+            img.info["megasynth_digest"] = f"{hashlib.sha256(data).hexdigest()}:{self.settings.image_side}"  # the cache key's image part
             cache[row["id"]] = img
         return cache[row["id"]]
 

@@ -174,3 +174,11 @@ def test_empty_corpus_is_refused(pipeline_config, tmp_path):
     out = tmp_path / "out"
     r = cli("run", str(pipeline_config), "--corpus", str(empty), "--out", str(out))
     assert r.returncode == 2 and "corpus is empty" in r.stderr and not out.exists()
+
+
+def test_sample_page_shows_random_triplets(local_run, tmp_path):
+    r = cli("sample", str(local_run), "-n", "3", "--out", str(tmp_path / "s.html"))
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "s.html").read_text()
+    assert page.count('<div class="t">') == 3 and page.count("data:image/jpeg;base64,") == 6
+    assert page.count("<li>") == 9

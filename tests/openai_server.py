@@ -1,0 +1,137 @@
+"""An OpenAI-compatible chat-completions server on 127.0.0.1 for tests: the boundary the `openai` backend talks to.
+
+It answers with real models (the tiny transformers models, through the project's own
+transformers backend) and can be told to misbehave for the next requests: 429 with
+Retry-After, 5xx, a hang past the client's timeout, malformed JSON, a refusal, a 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+from stages.annotation.backends import ChatRequest, TransformersSettings, make_generator
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+@dataclass
+class Fault:
+    kind: str  # "429", "503", "500", "400", "hang", "malformed", "refuse"
+    retry_after: str | None = None
+    hang_s: float = 2.0
+
+
+@dataclass
+class ServerState:
+    models: dict  # served name -> generator
+    api_key: str | None
+    faults: deque = field(default_factory=deque)
+    log: list = field(default_factory=list)  # (time, status, seed, model) per request
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_generators(models: dict[str, tuple[str, bool]], temperature: float = 0.7) -> dict:
+    """served name -> (model folder, is a vision model)."""
+    return {
+        name: make_generator(TransformersSettings(model=path, device="cpu", temperature=temperature, batch_size=1), vision)
+        for name, (path, vision) in models.items()
+    }
+
+
+def _request_of(payload: dict) -> ChatRequest:
+    content = payload["messages"][-1]["content"]
+    if isinstance(content, str):
+        return ChatRequest(content, (), int(payload.get("seed") or 0))
+    images, text = [], ""
+    for part in content:
+        if part["type"] == "image_url":
+            data = part["image_url"]["url"].split(",", 1)[1]
+            images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+        elif part["type"] == "text":
+            text = part["text"]
+    return ChatRequest(text, tuple(images), int(payload.get("seed") or 0))
+
+
+def make_handler(state: ServerState):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            seed = payload.get("seed")
+            if not self.path.endswith("/chat/completions"):
+                return self._send(404, b'{"error": "not found"}')
+            if state.api_key and self.headers.get("Authorization") != f"Bearer {state.api_key}":
+                state.log.append((time.time(), 401, seed, payload.get("model")))
+                return self._send(401, b'{"error": {"message": "invalid api key"}}')
+            with state.lock:
+                fault = state.faults.popleft() if state.faults else None
+            if fault is not None and fault.kind in ("429", "503", "500", "400"):
+                state.log.append((time.time(), int(fault.kind), seed, payload.get("model")))
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+                return self._send(int(fault.kind), b'{"error": {"message": "injected"}}', headers)
+            if fault is not None and fault.kind == "hang":
+                state.log.append((time.time(), "hang", seed, payload.get("model")))
+                time.sleep(fault.hang_s)
+                return self._send(503, b"{}")
+            if fault is not None and fault.kind == "malformed":
+                state.log.append((time.time(), "malformed", seed, payload.get("model")))
+                return self._send(200, b'{"choices": [{"mess')
+            model = state.models.get(payload.get("model"))
+            if model is None:
+                return self._send(404, json.dumps({"error": f"no model {payload.get('model')}"}).encode())
+            if fault is not None and fault.kind == "refuse":
+                text = REFUSAL
+            else:
+                with state.lock:  # one generation at a time: the tiny models run on the test's CPU
+                    text = model.generate([_request_of(payload)])[0]
+            state.log.append((time.time(), 200, seed, payload.get("model")))
+            body = {"id": "cmpl-test", "object": "chat.completion", "model": payload["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}  # fmt: skip
+            self._send(200, json.dumps(body).encode())
+
+    return Handler
+
+
+class OpenAIServer:
+    """`with OpenAIServer(generators, api_key) as srv:` serves on srv.base_url until the block ends."""
+
+    def __init__(self, models: dict, api_key: str | None = None):
+        self.state = ServerState(models=models, api_key=api_key)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def inject(self, *faults: Fault) -> None:
+        self.state.faults.extend(faults)
+
+    def __enter__(self) -> "OpenAIServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
