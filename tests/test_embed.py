@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import skimage.data
@@ -10,38 +13,49 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from stages import catalog, embeddings
-from stages.embed import EmbedSettings, EmbedStage, SpaceSettings
+from stages.embed import EmbedSettings, EmbedStage, SpaceSettings, decode_pil
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
-from stages.models.encoders import ImageEncoder, ImageTransform, check_model_path
+from stages.models.encoders import ImageEncoder, ImageTransform, TextEncoder, check_model_path
+
+
+@pytest.fixture(scope="module")
+def encoders(image_models) -> dict[str, ImageEncoder]:
+    return {space: ImageEncoder(str(image_models[space]), torch.device("cpu"), torch.float32) for space in ("semantic", "pattern")}
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory, corpus):
+    """The first 50-image shard of the test corpus, catalogued."""
+    out = tmp_path_factory.mktemp("embed") / "catalog"
+    ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")])), {}, out)
+    for u in ingest.plan()[0]:
+        ingest.process(u)
+    return out
 
 
 @pytest.mark.parametrize("space", ["semantic", "pattern"])
 @pytest.mark.parametrize("photo", ["chelsea", "astronaut", "coffee"])
-def test_device_preprocessing_matches_the_model_processor(image_models, space, photo):
+def test_device_preprocessing_matches_the_model_processor(image_models, encoders, space, photo):
     folder = str(image_models[space])
     img = Image.fromarray(getattr(skimage.data, photo)())
     reference = AutoImageProcessor.from_pretrained(folder)(images=img, return_tensors="pt")["pixel_values"]
     ours = ImageTransform.from_pretrained(folder)([torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)], torch.device("cpu"), torch.float32)
     assert ours.shape == reference.shape
-    enc = ImageEncoder(folder, torch.device("cpu"), torch.float32)
     with torch.inference_mode():
-        a, b = enc.model(pixel_values=reference).pooler_output, enc.model(pixel_values=ours).pooler_output
-    assert torch.nn.functional.cosine_similarity(a, b).item() > 0.999
+        a, b = encoders[space].model(pixel_values=torch.cat([reference, ours])).pooler_output.flatten(1)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.999
 
 
-def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, corpus, image_models):
-    ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")])), {}, tmp_path / "catalog")
-    for u in ingest.plan()[0]:
-        ingest.process(u)
+def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, catalog_dir, image_models):
     spaces = {
         "semantic": SpaceSettings(kind="image", model=str(image_models["semantic"])),
         "caption": SpaceSettings(kind="text", model=str(image_models["caption"])),
     }
-    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": tmp_path / "catalog"}, tmp_path / "emb")
+    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir}, tmp_path / "emb")
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
 
-    table = catalog.read(tmp_path / "catalog", "00000", columns=["id", "caption", "re_caption"]).to_pylist()
+    table = catalog.read(catalog_dir, "00000", columns=["id", "caption", "re_caption"]).to_pylist()
     ids, hashes, vecs = embeddings.load(tmp_path / "emb", "semantic", "00000")
     assert list(ids) == [r["id"] for r in table] and stats.output == len(table) == 50
     assert vecs.dtype == np.float16 and vecs.shape == (50, 1280)
@@ -55,7 +69,7 @@ def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, corpus
     assert embeddings.read_manifests(tmp_path / "emb")["semantic"]["model"] == str(image_models["semantic"])
 
     # a batch of one gives the same vectors up to fp16 rounding: batching does not change results
-    single = EmbedStage(EmbedSettings(spaces=spaces, batch_size=1, device="cpu"), {"catalog": tmp_path / "catalog"}, tmp_path / "emb1")
+    single = EmbedStage(EmbedSettings(spaces=spaces, batch_size=1, device="cpu"), {"catalog": catalog_dir}, tmp_path / "emb1")
     single.setup()
     single.process(single.plan()[0][0])
     v1 = embeddings.load(tmp_path / "emb1", "semantic", "00000")[2]
@@ -66,3 +80,65 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder .* does not exist"):
         check_model_path(str(tmp_path / "no-such-model"), "embed.spaces.semantic.model")
     check_model_path("openai/clip-vit-large-patch14", "a hub id is checked when loaded")
+
+
+def test_batched_jpeg_decoding_falls_back_to_pil_image_by_image(tmp_path, catalog_dir, image_models):
+    """The nvJPEG path's bookkeeping, run on the CPU: PIL stands in for nvJPEG (no GPU here) and, like
+    nvJPEG, fails a whole batch when it refuses one image. Refused images are decoded by PIL instead and
+    counted; vectors come out identical and in catalog order, whatever the prefetch depth and pool size."""
+    spaces = {"semantic": SpaceSettings(kind="image", model=str(image_models["semantic"]))}
+    sizes = catalog.read(catalog_dir, "00000", columns=["size"])["size"].to_pylist()
+    refused = {sizes[3], sizes[20]}
+
+    def strict_decoder(datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(len(d) in refused for d in datas):
+            raise RuntimeError("Error while decoding JPEG images")
+        return [decode_pil(d.numpy().tobytes())[0] for d in datas]
+
+    plain = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir}, tmp_path / "plain")
+    plain.setup()
+    plain.process(plain.plan()[0][0])
+    batched = EmbedStage(
+        EmbedSettings(spaces=spaces, batch_size=16, device="cpu", prefetch=1, decode_threads=3), {"catalog": catalog_dir}, tmp_path / "batched"
+    )
+    batched.setup()
+    batched.nvjpeg = strict_decoder
+    stats = batched.process(batched.plan()[0][0])
+
+    fallbacks = sum(s in refused for s in sizes)
+    assert stats.counters["decode.pil_fallback"] == fallbacks and stats.counters["decode.nvjpeg"] == 50 - fallbacks
+    assert stats.output == 50 and not stats.rejected
+    for a, b in zip(embeddings.load(tmp_path / "plain", "semantic", "00000"), embeddings.load(tmp_path / "batched", "semantic", "00000")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_towers_load_alone_from_a_clip_folder(tmp_path, image_models):
+    """A CLIP folder (as openai/clip-vit-large-patch14) serves an image space and a text space: each loads only
+    its tower with projection, and gives the full model's normalised image and text features."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path / "clip"
+    text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, projection_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=16)
+    torch.manual_seed(0)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    full.save_pretrained(folder)
+    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 56}, "crop_size": {"height": 56, "width": 56},
+                 "do_center_crop": True, "resample": 3, "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(image_models["caption"] / name, folder / name)
+
+    image_enc = ImageEncoder(str(folder), torch.device("cpu"), torch.float32)
+    text_enc = TextEncoder(str(folder), torch.device("cpu"), torch.float32, max_length=77)
+    assert type(image_enc.model).__name__ == "CLIPVisionModelWithProjection" and image_enc.attn_implementation == "sdpa"
+    assert type(text_enc.model).__name__ == "CLIPTextModelWithProjection" and text_enc.attn_implementation == "sdpa"
+
+    images = [torch.from_numpy(np.asarray(Image.fromarray(getattr(skimage.data, p)()).convert("RGB")).copy()).permute(2, 0, 1) for p in ("chelsea", "coffee")]
+    texts = ["a cat on a rug", "a cup of coffee on a saucer"]
+    with torch.inference_mode():
+        want_img = full.get_image_features(pixel_values=image_enc.transform(images, torch.device("cpu"), torch.float32))
+        want_txt = full.get_text_features(**text_enc.tokenize(texts))
+    for got, want in ((image_enc(images), want_img), (text_enc(texts), want_txt)):
+        want = want if isinstance(want, torch.Tensor) else want.pooler_output
+        torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1), atol=1e-5, rtol=1e-4)

@@ -4,11 +4,13 @@ Any transformers model folder or hub id works: CLIP/SigLIP-style towers use thei
 (`get_image_features` / `get_text_features`), other backbones their pooled output (DINOv2:
 the normalised CLS token) and sentence encoders mean pooling. Image preprocessing is read
 from the model's image processor config and runs on the model's device, on uint8 tensors,
-so decoding is the only per-image CPU work.
+so decoding is the only per-image CPU work; towers that share a resize/crop geometry share
+one resized batch (`preprocess`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +61,8 @@ class ImageTransform:
         from transformers import AutoImageProcessor
 
         p = AutoImageProcessor.from_pretrained(name)
-        size = dict(getattr(p, "size", None) or {})
-        crop = dict(getattr(p, "crop_size", None) or {}) if getattr(p, "do_center_crop", False) else {}
+        size = _size_dict(getattr(p, "size", None))
+        crop = _size_dict(getattr(p, "crop_size", None)) if getattr(p, "do_center_crop", False) else {}
         return cls(
             shortest_edge=size.get("shortest_edge"),
             size=(size["height"], size["width"]) if "height" in size else None,
@@ -68,7 +70,7 @@ class ImageTransform:
             mean=tuple(p.image_mean) if getattr(p, "do_normalize", True) else (0.0, 0.0, 0.0),
             std=tuple(p.image_std) if getattr(p, "do_normalize", True) else (1.0, 1.0, 1.0),
             rescale=float(getattr(p, "rescale_factor", 1 / 255)) if getattr(p, "do_rescale", True) else 1.0,
-            bicubic=int(getattr(p, "resample", 3) or 3) == 3,
+            bicubic=_is_bicubic(getattr(p, "resample", 3)),
         )
 
     @property
@@ -79,32 +81,84 @@ class ImageTransform:
             return self.size
         return (self.shortest_edge, self.shortest_edge)
 
+    @property
+    def geometry(self) -> tuple:
+        """What `resize_crop` depends on: models that share it share one resized batch."""
+        return (self.shortest_edge, self.size, self.crop, self.bicubic)
+
     def __call__(self, images: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """uint8 CHW tensors of any sizes -> one normalised NCHW batch on `device`."""
-        mode = "bicubic" if self.bicubic else "bilinear"
-        out = []
-        for img in images:
-            x = img.to(device, non_blocking=True).unsqueeze(0).float()
-            h, w = x.shape[-2:]
-            if self.size:
-                th, tw = self.size
-            elif h <= w:  # as transformers' processors: short side exact, long side floored
-                th, tw = self.shortest_edge, max(1, int(self.shortest_edge * w / h))
-            else:
-                th, tw = max(1, int(self.shortest_edge * h / w)), self.shortest_edge
-            if (th, tw) != (h, w):
-                x = F.interpolate(x, size=(th, tw), mode=mode, antialias=True, align_corners=False)
-            if self.crop:
-                ch, cw = self.crop
-                top, left = max(0, (th - ch) // 2), max(0, (tw - cw) // 2)
-                x = x[..., top : top + ch, left : left + cw]
-                if x.shape[-2:] != (ch, cw):  # image smaller than the crop: pad like the processors do
-                    x = F.pad(x, (0, cw - x.shape[-1], 0, ch - x.shape[-2]))
-            out.append(x)
-        batch = torch.cat(out).clamp_(0, 255) * self.rescale
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return ((batch - mean) / std).to(dtype)
+        return self.normalise(self.resize_crop(images, device), dtype)
+
+    def resize_crop(self, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """uint8 CHW tensors of any sizes -> one float NCHW batch in [0, 255] on `device`, in input order."""
+        groups: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):  # same-sized images resize in one call: the same values, fewer kernels
+            groups.setdefault((img.device, *img.shape[-2:]), []).append(i)  # GPU-decoded and PIL-decoded apart
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for idx in groups.values():
+            x = self._resize_crop_group(torch.stack([images[i] for i in idx]).to(device, non_blocking=True).float())
+            for j, i in enumerate(idx):
+                out[i] = x[j : j + 1]
+        return torch.cat(out).clamp_(0, 255)
+
+    def _resize_crop_group(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.size:
+            th, tw = self.size
+        elif h <= w:  # as transformers' processors: short side exact, long side floored
+            th, tw = self.shortest_edge, max(1, int(self.shortest_edge * w / h))
+        else:
+            th, tw = max(1, int(self.shortest_edge * h / w)), self.shortest_edge
+        if (th, tw) != (h, w):
+            x = F.interpolate(x, size=(th, tw), mode="bicubic" if self.bicubic else "bilinear", antialias=True, align_corners=False)
+        if self.crop:
+            ch, cw = self.crop
+            top, left = max(0, (th - ch) // 2), max(0, (tw - cw) // 2)
+            x = x[..., top : top + ch, left : left + cw]
+            if x.shape[-2:] != (ch, cw):  # image smaller than the crop: pad like the processors do
+                x = F.pad(x, (0, cw - x.shape[-1], 0, ch - x.shape[-2]))
+        return x
+
+    def normalise(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A `resize_crop` batch -> the model's input: rescaled, normalised, in `dtype`."""
+        mean = _constant(self.mean, batch.device)
+        std = _constant(self.std, batch.device)
+        return ((batch * self.rescale - mean) / std).to(dtype)
+
+
+def _size_dict(size) -> dict:
+    """A processor's size: a dict, or (torchvision-backed processors) a SizeDict whose unset fields are None."""
+    if not size:
+        return {}
+    if isinstance(size, dict):
+        return dict(size)
+    return {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None) is not None}
+
+
+def _is_bicubic(resample) -> bool:
+    """PIL's resample code 3, or torchvision's InterpolationMode.BICUBIC (fast processors)."""
+    value = getattr(resample, "value", resample)
+    return str(value if value is not None else 3).lower() in ("3", "bicubic")
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Mean/std as a [1, C, 1, 1] tensor, made once per device (no host-to-device copy per batch)."""
+    return torch.tensor(values, device=device).view(1, len(values), 1, 1)
+
+
+@torch.inference_mode()
+def preprocess(encoders: dict[str, "ImageEncoder"], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each encoder's pixel batch from one list of decoded images, resizing once per distinct geometry."""
+    resized: dict[tuple, torch.Tensor] = {}
+    pixels = {}
+    for name, enc in encoders.items():
+        geometry = enc.transform.geometry
+        if geometry not in resized:
+            resized[geometry] = enc.transform.resize_crop(images, enc.device)
+        pixels[name] = enc.transform.normalise(resized[geometry], enc.dtype).contiguous(memory_format=torch.channels_last)
+    return pixels
 
 
 class ImageEncoder:
@@ -118,10 +172,18 @@ class ImageEncoder:
         self.transform = ImageTransform.from_pretrained(name)
         self.device, self.dtype = device, dtype
 
-    @torch.inference_mode()
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention kernel transformers resolved ("sdpa" for the ViTs); None for convolutional models."""
+        return _attn_implementation(self.model)
+
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        pixels = self.transform(images, self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        if self.pooling == "projection":
+        return self.embed(preprocess({"": self}, images)[""])
+
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch -> L2-normalised float32 features, on the model's device."""
+        if self.pooling == "projection" and hasattr(self.model, "get_image_features"):  # *ModelWithProjection towers have none
             out = self.model.get_image_features(pixel_values=pixels)
             feats = out if isinstance(out, torch.Tensor) else out.pooler_output
         else:
@@ -140,18 +202,34 @@ class TextEncoder:
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         self.device = device
 
+    @property
+    def attn_implementation(self) -> str | None:
+        return _attn_implementation(self.model)
+
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
 
-    @torch.inference_mode()
+    def tokenize(self, texts: list[str]):
+        """One padded batch of token ids on the model's device."""
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-        if self.pooling == "projection":
+        return self.embed(self.tokenize(texts))
+
+    @torch.inference_mode()
+    def embed(self, batch) -> torch.Tensor:
+        """A `tokenize` batch -> L2-normalised float32 features, on the model's device."""
+        if self.pooling == "projection" and hasattr(self.model, "get_text_features"):
             out = self.model.get_text_features(**batch)
             feats = out if isinstance(out, torch.Tensor) else out.pooler_output
         else:
             feats = _pool(self.model(**batch), self.pooling, batch["attention_mask"])
         return F.normalize(feats.float(), dim=-1)
+
+
+def _attn_implementation(model) -> str | None:
+    has_attention = any("Attention" in type(m).__name__ for m in model.modules())
+    return getattr(model.config, "_attn_implementation", None) if has_attention else None
 
 
 def _load_tower(name: str, config, modality: str, auto_cls, dtype: torch.dtype):
