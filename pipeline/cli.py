@@ -111,6 +111,55 @@ def sample(
     console.print(f"{page}")
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="the config to estimate"),
+    images: str = typer.Option(..., "--images", help="corpus size: 20M, 500k, 2000000"),
+    device: Optional[str] = typer.Option(None, "--device", help="whose benchmark results to use, e.g. h200 (default: the config's)"),
+    json_: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Estimate GPU-hours, memory and storage per stage, each traced to the measured figure it extrapolates."""
+    from pipeline.plan import plan_command
+
+    try:
+        typer.echo(plan_command(config, images, device, as_json=json_))
+    except USER_ERRORS as e:
+        _fail(str(e))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; results go to bench/results/ as JSON.")
+app.add_typer(bench_app, name="bench")
+
+
+def _bench(name: str, args: list[str]) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ImportError:
+        _fail("the benchmarks live in the source tree's bench/ folder: run megasynth from a checkout")
+    path = module.main(args)
+    console.print(f"results: {path}")
+
+
+@bench_app.command("mine", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_mine(ctx: typer.Context) -> None:
+    """kNN backends: queries/s, effective TFLOP/s, recall@k against exact, peak memory (`... mine --help`)."""
+    _bench("mine", ctx.args)
+
+
+@bench_app.command("embed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_embed(ctx: typer.Context) -> None:
+    """The embed stage against the raw model forward, per space, and decode images/s (`... embed --help`)."""
+    _bench("embed", ctx.args)
+
+
+@bench_app.command("annotate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_annotate(ctx: typer.Context) -> None:
+    """Annotation backends: pairs/s and tokens/s against plain generate (`... annotate --help`)."""
+    _bench("annotate", ctx.args)
+
+
 @app.command("demo-models")
 def demo_models(
     corpus: List[str] = typer.Option(..., "--corpus", help="the demo corpus shards (the small VLM/LLM train on their captions)"),

@@ -163,33 +163,32 @@ def chat_payload(settings: OpenAISettings, req: ChatRequest) -> dict:
 
 
 class PerRequestSampler:
-    """A logits processor that samples each row with its own seeded generator (temperature, then top-p).
+    """A logits processor that samples every row with its own seeded stream (temperature, then top-p).
 
     It returns scores that are 0 for the chosen token and -inf elsewhere, so greedy decoding
     keeps exactly that token: a row's answer does not depend on the other rows of its batch.
+    Only one uniform number per row crosses to the device per step; sampling is an
+    inverse-CDF lookup, vectorised over the batch.
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        import torch
-
         self.temperature, self.top_p = temperature, top_p
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.streams = [random.Random(s) for s in seeds]
 
     def __call__(self, input_ids, scores):
         import torch
 
         if self.temperature == 0:
             return scores
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
-        if self.top_p < 1:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
-            sorted_p[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        chosen = [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, self.generators)]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        if self.top_p < 1:  # keep the smallest head of the distribution that reaches top_p
+            sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < self.top_p)
+        cdf = sorted_p.cumsum(-1)
+        u = torch.tensor([r.random() for r in self.streams], dtype=cdf.dtype).to(cdf.device).unsqueeze(1) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(chosen)), torch.tensor(chosen, device=scores.device)] = 0
-        return out
+        return out.scatter_(1, order.gather(1, pick), 0.0)
 
 
 class TransformersGenerator:

@@ -1,0 +1,183 @@
+"""Annotation throughput: pairs/s and generated tokens/s per backend, against plain `generate`.
+
+    python -m bench.annotate --cpu                       # tiny demo-shaped models, CPU-sized
+    python -m bench.annotate --models assets/models      # the demo's trained describer/instructor
+    python -m bench.annotate --openai-url http://host:8000/v1 --openai-model Qwen/Qwen2-VL-2B-Instruct
+
+Side by side in one run, on the same requests (two images + the describe prompt per pair):
+- `plain_generate`: what a user writes with transformers alone: the processor on a batch of
+  64 requests in arrival order, `model.generate(do_sample=True)`;
+- `transformers_backend`: the annotate stage's backend at the same batch size, and at a
+  larger one (length-sorted batches, left padding, per-request seeded sampling);
+- `openai_backend`: an endpoint you name (vLLM serve, SGLang, TGI), at its concurrency;
+- `vllm_backend`: vLLM's offline engine, where vllm imports.
+Speed-ups are each backend's pairs/s over plain_generate's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import random
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import write_result
+
+
+def _corpus_pairs(n: int, seed: int, workdir: Path) -> list[tuple]:
+    from PIL import Image
+
+    from stages.corpus.synthetic import make_corpus
+
+    make_corpus(workdir / "corpus", max(2 * n, 64), seed=seed, shard_size=256)
+    items = []
+    for path in sorted(glob.glob(str(workdir / "corpus" / "*.tar"))):
+        with tarfile.open(path) as tar:
+            files: dict = {}
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                files.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key in sorted(files):
+            meta = json.loads(files[key]["json"])
+            items.append((Image.open(io.BytesIO(files[key]["jpg"])).convert("RGB"), meta["caption"] or meta["re_caption"] or ""))
+    rng = random.Random(seed)
+    return [tuple(rng.sample(items, 2)) for _ in range(n)]
+
+
+def _requests(pairs, image_side: int):
+    from stages.annotation.backends import ChatRequest
+    from stages.annotation.prompts import describe_text, load_prompt
+
+    template = load_prompt("describe-v1")
+    out = []
+    for i, ((qi, qc), (ti, tc)) in enumerate(pairs):
+        q, t = qi.copy(), ti.copy()
+        q.thumbnail((image_side, image_side))
+        t.thumbnail((image_side, image_side))
+        out.append(ChatRequest(describe_text(template, qc, tc, 60 + i % 41), (q, t), seed=i))
+    return out
+
+
+def _count_tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def plain_generate(model_dir: str, requests, batch_size: int, max_new_tokens: int, device: str) -> dict:
+    """The baseline: transformers alone, batches in arrival order, the model's own sampling."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
+    texts = []
+
+    def run() -> None:
+        texts.clear()
+        for s in range(0, len(requests), batch_size):
+            batch = requests[s : s + batch_size]
+            prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": r.text}]}],
+                                                     add_generation_prompt=True, tokenize=False) for r in batch]  # fmt: skip
+            inputs = processor(text=prompts, images=[list(r.images) for r in batch], padding=True, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9)
+            texts.extend(processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+    return _timed(run, lambda: texts, processor.tokenizer, len(requests), device)
+
+
+def backend(settings, requests, tokenizer, device: str) -> dict:
+    from stages.annotation.backends import make_generator
+
+    gen = make_generator(settings, vision=True)
+    texts: list = []
+
+    def run() -> None:
+        texts[:] = [a if isinstance(a, str) else "" for a in gen.generate(requests)]
+
+    return _timed(run, lambda: texts, tokenizer, len(requests), device)
+
+
+def _timed(run, texts, tokenizer, n: int, device: str) -> dict:
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()  # warm-up: kernels, caches, first-call allocations
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    seconds = time.perf_counter() - t0
+    tokens = _count_tokens(tokenizer, texts()) if tokenizer is not None else None
+    return {"seconds": round(seconds, 3), "pairs_per_s": round(n / seconds, 3),
+            "generated_tokens_per_s": round(tokens / seconds, 1) if tokens else None, "generated_tokens": tokens}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m bench.annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="CPU-sized run (a couple of minutes on 2 cores)")
+    p.add_argument("--pairs", type=int, default=None, help="requests per measurement (default 64 on CPU, 512 on GPU)")
+    p.add_argument("--models", default=None, help="a folder with describer-tiny-llava/ (default: build tiny ones here)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--image-side", type=int, default=448)
+    p.add_argument("--openai-url", default=None)
+    p.add_argument("--openai-model", default=None)
+    p.add_argument("--openai-concurrency", type=int, default=64)
+    p.add_argument("--out-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from stages.annotation.backends import OpenAISettings, TransformersSettings
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    n = args.pairs or (64 if device == "cpu" else 512)
+    work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
+    pairs = _corpus_pairs(n, seed=0, workdir=work)
+    requests = _requests(pairs, args.image_side)
+    if args.models:
+        describer = str(Path(args.models) / "describer-tiny-llava")
+    else:
+        from pipeline import demo_models
+
+        describer = str(demo_models.build_describer(work / "describer", str(work / "corpus" / "*.tar"), steps=30))
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(describer).tokenizer
+    common = dict(model=describer, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, device=device)
+    results = {
+        "plain_generate_b64": plain_generate(describer, requests, 64, args.max_new_tokens, device),
+        "transformers_backend_b64": backend(TransformersSettings(batch_size=64, **common), requests, tokenizer, device),
+        f"transformers_backend_b{min(256, n)}": backend(TransformersSettings(batch_size=min(256, n), **common), requests, tokenizer, device),
+    }
+    if args.openai_url:
+        s = OpenAISettings(backend="openai", base_url=args.openai_url, model=args.openai_model or describer, max_new_tokens=args.max_new_tokens,
+                           max_concurrency=args.openai_concurrency)  # fmt: skip
+        results["openai_backend"] = backend(s, requests, None, device)
+    try:
+        import vllm  # noqa: F401
+
+        from stages.annotation.backends import VLLMSettings
+
+        results["vllm_backend"] = backend(VLLMSettings(backend="vllm", model=describer, max_new_tokens=args.max_new_tokens), requests, tokenizer, device)
+    except ImportError:
+        results["vllm_backend"] = {"skipped": "vllm does not import here"}
+    base = results["plain_generate_b64"]["pairs_per_s"]
+    for r in results.values():
+        if "pairs_per_s" in r:
+            r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2)
+    params = {"pairs": n, "device": device, "describer": "tiny LLaVA-shaped demo model (see pipeline/demo_models.py)" if not args.models else describer,
+              "max_new_tokens": args.max_new_tokens, "image_side": args.image_side, "prompt": "describe-v1"}  # fmt: skip
+    path = write_result("annotate", results, params, args.out_dir)
+    print(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
