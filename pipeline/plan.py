@@ -287,6 +287,10 @@ def knn_rate(mine, backend: str, device: str) -> tuple[Figure, str] | None:
     if mine:
         best = None
         for i, r in enumerate(mine[1].get("results", [])):
+            # exact search only (an IVF row's "effective" rate counts FLOPs it never did), and for
+            # torch-exact the base streamed from the host, as the stage runs it
+            if r.get("kind") != "knn" or r.get("index", "Flat") != "Flat" or (r.get("base") or "streamed from host") != "streamed from host":
+                continue
             field = next((k for k in r if "tflop" in k.lower() and isinstance(r[k], (int, float))), None)
             if field and r.get("backend", backend) == backend and (best is None or r[field] > best[0]):
                 best = (r[field], f"{mine[0]}: results[{i}].{field} (backend {backend})")
@@ -303,16 +307,16 @@ def mine_memory(config: RunConfig, queries: int, d: float, n_spaces: int) -> lis
     """Peak memory of one mine worker, by the formulas in stages/knn/__init__.py."""
     m = config.mine
     nq = min(m.queries_per_unit, queries)
-    k, rerank, hn = m.k, getattr(m, "rerank", 0), m.hard_negatives
+    k, rerank, hn = m.k, m.rerank, m.hard_negatives
     K, R, P = k + 1 + rerank, SHARD_ROWS, nq * m.pairs_per_query
-    qb, bb = getattr(m, "query_block", 8192), getattr(m, "base_block", 65536)
+    qb, bb = m.query_block, m.base_block or 65536  # base_block None: the cuda default
     host = nq * d * 2 + nq * K * 28 + n_spaces * nq * (k + 1) * 20 + 3 * R * d * 2 + 16384 * d * 16 + P * (16 + 4 * n_spaces + 12 * hn) + P * (70 + 30 * hn)
     source = "stages/knn/__init__.py: peak memory formulas"
     basis = f"nq={nq:,} queries per unit, d={d:.0f}, K={K}, R={R:,} rows per base shard (img2dataset's default shard, assumed)"
-    if getattr(m, "backend", "faiss") == "torch-exact":
+    if m.backend == "torch-exact":
         b = 2  # float16 on cuda (torch-exact's auto dtype)
         device_bytes = nq * d * b + nq * K * 12 + bb * (d * b + 8) + qb * bb * b
-        return [Estimate("mine", "host memory per worker", host + 2 * bb * d * 2, "bytes", source, basis),
+        return [Estimate("mine", "host memory per worker", host + 4 * bb * d * 2, "bytes", source, basis),
                 Estimate("mine", "GPU memory per worker", device_bytes, "bytes", source, basis + f", qb={qb}, bb={bb}, float16")]
     return [Estimate("mine", "host memory per worker (faiss Flat)", host + nq * K * 12 + (qb + R) * d * 4 + qb * K * 12, "bytes", source, basis)]
 

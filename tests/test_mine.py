@@ -1,4 +1,4 @@
-"""mine: exact kNN, the similarity band at its edges, the union over spaces, duplicates, hard negatives."""
+"""mine: every backend, the similarity band at its edges, the union over spaces, duplicates, hard negatives."""
 
 from __future__ import annotations
 
@@ -43,12 +43,15 @@ def make_inputs(tmp_path, shards: dict[str, list[tuple[str, str, dict[str, np.nd
 
 
 def run_mine(tmp_path, inputs, **settings) -> tuple[list[dict], object]:
+    """Every wave of the stage, in order, as an executor runs it; returns the pairs and the query units' stats."""
     settings.setdefault("seed", 0)
     stage = MineStage(MineSettings(**settings), inputs, tmp_path / "pairs")
     total = None
-    for unit in stage.plan()[0]:
-        s = stage.process(unit)
-        total = s if total is None else total.__iadd__(s)
+    for wave in stage.plan():
+        for unit in wave:
+            s = stage.process(unit)
+            if unit.id.startswith("queries-"):
+                total = s if total is None else total.__iadd__(s)
     rows = [r for u in pairs.units(tmp_path / "pairs") for r in pairs.read(tmp_path / "pairs", u)]
     return sorted(rows, key=lambda r: r["pair_id"]), total
 
@@ -78,7 +81,18 @@ def test_fewer_base_rows_than_k():
     assert (L[:, 0] == [0, 1, 2]).all()
 
 
-def test_band_edges_duplicates_and_union(tmp_path):
+# Backends that must give the same pairs as faiss Flat. IVF probing every list searches exactly;
+# IVF-PQ proposes approximate candidates that the exact re-scoring puts back in order.
+EXACT_BACKENDS = {
+    "faiss-flat": {},
+    "torch-exact": {"backend": "torch-exact", "query_block": 3, "base_block": 5},
+    "torch-exact-fp16": {"backend": "torch-exact", "dtype": "float16", "query_block": 16, "base_block": 32},
+    "faiss-ivf-all-lists": {"index": "IVF2,Flat", "search_params": "nprobe=2"},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT_BACKENDS))
+def test_band_edges_duplicates_and_union(tmp_path, backend):
     e0 = vec(1.0)
     items = [
         ("q", h(1), {"a": e0, "b": e0}),
@@ -90,7 +104,7 @@ def test_band_edges_duplicates_and_union(tmp_path):
         ("only_b", h(6), {"b": vec(0.78125, axis=7)}),  # in band only under b's wider band
     ]
     inputs = make_inputs(tmp_path, {"s0": items})
-    rows, stats = run_mine(tmp_path, inputs, k=6, band=(0.75, 0.875), bands={"b": (0.70, 0.875)}, pairs_per_query=10, hard_negatives=3)
+    rows, stats = run_mine(tmp_path, inputs, k=6, band=(0.75, 0.875), bands={"b": (0.70, 0.875)}, pairs_per_query=10, hard_negatives=3, **EXACT_BACKENDS[backend])
     from_q = {r["target_id"].split("/")[1]: r for r in rows if r["query_id"] == "s0/q"}
     assert set(from_q) == {"inside", "only_b"}
     assert {s["space"]: s["score"] for s in from_q["inside"]["spaces"]} == {"a": 0.8125, "b": 0.8125}
@@ -101,11 +115,22 @@ def test_band_edges_duplicates_and_union(tmp_path):
     assert stats.counters["exact_duplicates"] >= 1 and stats.counters["near_duplicates"] >= 1
 
 
-def test_query_without_in_band_neighbour_is_counted(tmp_path):
+@pytest.mark.parametrize("backend", sorted(EXACT_BACKENDS))
+def test_query_without_in_band_neighbour_is_counted(tmp_path, backend):
     items = [("q", h(1), {"a": vec(1.0)}), ("far", h(2), {"a": vec(0.1, axis=2)})]
-    rows, stats = run_mine(tmp_path, make_inputs(tmp_path, {"s0": items}), k=4)
+    rows, stats = run_mine(tmp_path, make_inputs(tmp_path, {"s0": items}), k=4, **EXACT_BACKENDS[backend])
     assert rows == []
     assert stats.input == 2 and stats.rejected["no_in_band_neighbour"] == 2
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT_BACKENDS))
+def test_fewer_images_than_k(tmp_path, backend):
+    items = [("q", h(1), {"a": vec(1.0)}), ("t", h(2), {"a": vec(0.8125, axis=2)}), ("n", h(3), {"a": vec(0.5, axis=3)})]
+    rows, stats = run_mine(tmp_path, make_inputs(tmp_path, {"s0": items}), k=10, band=(0.75, 0.875), hard_negatives=4, **EXACT_BACKENDS[backend])
+    from_q = [r for r in rows if r["query_id"] == "s0/q"]
+    assert [r["target_id"] for r in from_q] == ["s0/t"]
+    assert [n["id"] for n in from_q[0]["hard_negatives"]] == ["s0/n"]
+    assert stats.counters["pairs_short_of_hard_negatives"] == len(rows)
 
 
 def random_corpus(n_shards=3, per=30, d=8, seed=0):
@@ -122,12 +147,98 @@ def random_corpus(n_shards=3, per=30, d=8, seed=0):
     return shards
 
 
-def test_units_of_any_size_give_identical_pairs(tmp_path):
+@pytest.mark.parametrize("backend", ["faiss-flat", "torch-exact"])
+def test_units_of_any_size_give_identical_pairs(tmp_path, backend):
     shards = random_corpus()
-    settings = dict(k=10, band=(0.6, 0.98), pairs_per_query=2, hard_negatives=4)
+    settings = dict(k=10, band=(0.6, 0.98), pairs_per_query=2, hard_negatives=4, **EXACT_BACKENDS[backend])
     one, _ = run_mine(tmp_path / "one", make_inputs(tmp_path / "one", shards), queries_per_unit=1000, **settings)
     many, _ = run_mine(tmp_path / "many", make_inputs(tmp_path / "many", shards), queries_per_unit=7, **settings)
     assert one == many and len(one) > 20
+
+
+@pytest.fixture(scope="module")
+def corpus_inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    return make_inputs(tmp, random_corpus(n_shards=4, per=40))
+
+
+MINED = dict(k=10, band=(0.6, 0.98), pairs_per_query=2, hard_negatives=4)
+
+
+@pytest.fixture(scope="module")
+def flat_pairs(corpus_inputs, tmp_path_factory):
+    rows, _ = run_mine(tmp_path_factory.mktemp("flat"), corpus_inputs, **MINED)
+    assert len(rows) > 100
+    return rows
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        EXACT_BACKENDS["torch-exact"],
+        EXACT_BACKENDS["torch-exact-fp16"],
+        {"backend": "torch-exact", "dtype": "bfloat16", "rerank": 16},
+        {"index": "IVF4,Flat", "search_params": "nprobe=4"},
+        {"index": "IVF4,PQ4x4np", "search_params": "nprobe=4", "rerank": 60},
+    ],
+    ids=["torch-fp32", "torch-fp16", "torch-bf16", "ivf-flat", "ivf-pq-reranked"],
+)
+def test_backends_give_the_pairs_of_exact_search(tmp_path, corpus_inputs, flat_pairs, settings):
+    rows, _ = run_mine(tmp_path, corpus_inputs, **MINED, **settings)
+    assert rows == flat_pairs
+
+
+def test_approximate_index_pairs_carry_exact_scores(tmp_path, corpus_inputs, flat_pairs):
+    """HNSW with a small efSearch misses neighbours (so draws differ), but every score it reports is exact and in band."""
+    rows, _ = run_mine(tmp_path, corpus_inputs, **MINED, index="HNSW4", search_params="efSearch=4", rerank=0)
+    vectors = {}
+    for space in ("a", "b"):
+        for shard in embeddings.shards(corpus_inputs["embeddings"], space):
+            ids, _, v = embeddings.load(corpus_inputs["embeddings"], space, shard)
+            vectors.update({(space, i): x for i, x in zip(ids, v.astype(np.float64))})
+    for r in rows:
+        for s in r["spaces"]:
+            exact = np.float32(vectors[(s["space"], r["query_id"])] @ vectors[(s["space"], r["target_id"])])
+            assert s["score"] == exact and 0.6 < s["score"] < 0.98
+    assert len({r["query_id"] for r in rows}) >= 0.9 * len({r["query_id"] for r in flat_pairs})
+
+
+def test_index_is_a_first_wave_and_query_units_need_it(tmp_path, corpus_inputs):
+    stage = MineStage(MineSettings(seed=0, index="IVF4,Flat", search_params="nprobe=4", **MINED), corpus_inputs, tmp_path / "pairs")
+    index_wave, query_wave = stage.plan()
+    assert [u.id for u in index_wave] == ["index-a", "index-b"]
+    assert all(u.id.startswith("queries-") for u in query_wave)
+    with pytest.raises(FileNotFoundError, match="index unit has not run"):
+        stage.process(query_wave[0])
+    stats = stage.process(index_wave[0])
+    assert stats.counters["indexed.a"] == 160 and stats.input == stats.output == 0
+    assert sorted(p.name for p in (tmp_path / "pairs" / "index").iterdir()) == ["a.faiss", "a.faiss.json"]
+
+
+@pytest.mark.parametrize("index", ["IVF4,PQ4x4np", "HNSW8"])
+def test_index_build_gives_the_same_bytes(tmp_path, corpus_inputs, index):
+    """HNSW is built on one thread whatever mine.cpus says: a parallel build's graph depends on timing."""
+    built = []
+    for run in ("one", "two"):
+        stage = MineStage(MineSettings(seed=0, index=index, cpus=2, **MINED), corpus_inputs, tmp_path / run)
+        stage.process(stage.plan()[0][0])
+        built.append((tmp_path / run / "index" / "a.faiss").read_bytes())
+    assert built[0] == built[1]
+
+
+def test_plan_checks_the_index_at_the_spaces_dimension(tmp_path):
+    inputs = make_inputs(tmp_path, {"s0": [("q", h(1), {"a": vec(1.0)})]})  # d = 8
+    with pytest.raises(ValueError, match=r"mine.index: faiss cannot build 'IVF2,PQ3' at d=8: .*multiple.* \(space a\)"):
+        MineStage(MineSettings(index="IVF2,PQ3"), inputs, tmp_path / "pairs").plan()
+
+
+def test_resources_ask_for_a_gpu_only_when_mining_on_one(tmp_path):
+    def gpus(**kw):
+        return MineStage(MineSettings(**kw), {}, tmp_path).resources().gpus
+
+    assert gpus(device="cuda") == 1.0 and gpus(device="cuda", backend="torch-exact") == 1.0
+    assert gpus(device="cpu") == 0.0 and gpus(device="cuda", gpus=0.5) == 0.5
+    assert MineStage.loads_model  # one worker per GPU keeps its device and loaded index across units
 
 
 def test_query_sample_and_pairs_per_query_are_seeded(tmp_path):

@@ -82,7 +82,11 @@ def test_a_measured_result_file_is_preferred(tmp_path):
         {"space": "pattern", "model": "some/other-model", "dim": 1024, "stage_images_per_s": 99999.0},
         {"decoder": "pil", "threads": 1, "images_per_s": 200.0},
     ]}
-    mine = {"results": [{"backend": "faiss", "effective_tflops": 100.0}, {"backend": "torch-exact", "effective_tflops": 300.0}]}
+    mine = {"results": [  # bench/mine.py's rows; an IVF row's "effective" rate must not stand for exact search
+        {"kind": "knn", "backend": "faiss", "index": "Flat", "effective_tflops": 100.0},
+        {"kind": "knn", "backend": "torch-exact", "index": "Flat", "base": "streamed from host", "effective_tflops": 300.0},
+        {"kind": "knn", "backend": "faiss", "index": "IVF4096,Flat", "effective_tflops": 900.0},
+    ]}
     (results / "embed-h200.json").write_text(json.dumps(embed))
     (results / "mine-h200.json").write_text(json.dumps(mine))
     e = by_what(plan_of(tmp_path, 1_000_000, results=results))
