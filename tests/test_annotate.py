@@ -1,0 +1,121 @@
+"""annotate: per-request sampling, the transformers backend, retries and rejections, the answer cache."""
+
+from __future__ import annotations
+
+import collections
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages import annotations, catalog, pairs
+from stages.annotate import AnnotateSettings, AnnotateStage
+from stages.annotation.backends import ChatRequest, PerRequestSampler, TransformersSettings, make_generator
+from stages.annotation.cache import AnswerCache, request_key
+from stages.ingest import CorpusSettings, IngestSettings, IngestStage
+
+
+def test_sampling_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 40) * 3
+    together = PerRequestSampler([11, 12, 13, 14, 15], 0.7, 0.9)(None, scores).argmax(1)
+    alone = [PerRequestSampler([s], 0.7, 0.9)(None, scores[i : i + 1]).argmax(1).item() for i, s in enumerate([11, 12, 13, 14, 15])]
+    assert together.tolist() == alone
+
+
+def test_sampling_follows_temperature_and_top_p():
+    scores = torch.tensor([[0.0, 1.0, 2.0, -10.0]])
+    s = PerRequestSampler([0], 1.0, 1.0)
+    freq = collections.Counter(int(s(None, scores).argmax()) for _ in range(6000))
+    expected = torch.softmax(scores, 1)[0]
+    assert all(abs(freq[i] / 6000 - expected[i].item()) < 0.03 for i in range(3))
+    top = PerRequestSampler([0], 1.0, 0.6)  # the head reaching 0.6 is token 2 alone (p=0.665)
+    assert {int(top(None, scores).argmax()) for _ in range(200)} == {2}
+    assert PerRequestSampler([0], 0.0, 1.0)(None, scores) is scores  # greedy passes scores through
+
+
+def test_transformers_backend_answers_each_request_as_if_alone(text_models):
+    gen = make_generator(TransformersSettings(model=str(text_models["instructor"]), device="cpu", batch_size=3, max_new_tokens=30), vision=False)
+    reqs = [ChatRequest(f"Description: the query image and the target image show {w}.\nInstructions:", (), seed=i)
+            for i, w in enumerate(["cats", "two red circles on a long striped background", "a rocket", "coffee"])]  # fmt: skip
+    batched = gen.generate(reqs)
+    assert [gen.generate([r])[0] for r in reqs] == batched
+    assert all(isinstance(a, str) for a in batched)
+
+
+def test_cache_keys_and_round_trip(tmp_path):
+    from PIL import Image
+
+    r = ChatRequest("describe", (Image.new("RGB", (4, 4), "red"),), seed=1)
+    g = {"backend": "transformers", "model": "m", "temperature": 0.7}
+    k = request_key("describe", g, r)
+    assert k != request_key("describe", g, ChatRequest("describe", (Image.new("RGB", (4, 4), "blue"),), seed=1))
+    assert k != request_key("describe", g, ChatRequest("describe", r.images, seed=2))
+    assert k != request_key("describe", {**g, "temperature": 0.5}, r)
+    assert k != request_key("instruct", g, r)
+    cache = AnswerCache(tmp_path / "c.sqlite")
+    cache.put_many({k: "an answer"})
+    assert AnswerCache(tmp_path / "c.sqlite").get_many([k, "missing"]) == {k: "an answer"}
+
+
+@pytest.fixture(scope="module")
+def pair_inputs(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("ann")
+    ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")])), {}, tmp / "catalog")
+    for u in ingest.plan()[0]:
+        ingest.process(u)
+    ids = catalog.read(tmp / "catalog", "00000", columns=["id"])["id"].to_pylist()
+    rows = [{"pair_id": pairs.pair_id(ids[i], ids[i + 1]), "query_id": ids[i], "target_id": ids[i + 1],
+             "spaces": [{"space": "caption", "score": 0.9}], "hard_negatives": []} for i in range(0, 16, 2)]  # fmt: skip
+    rows.append({"pair_id": "gone", "query_id": "00000/nope", "target_id": ids[0], "spaces": [], "hard_negatives": []})
+    (tmp / "pairs").mkdir()
+    pairs.write(tmp / "pairs" / "queries-00000.parquet", rows)
+    return tmp
+
+
+def annotate(tmp, models, out, **kw) -> tuple:
+    settings = AnnotateSettings(
+        describer=TransformersSettings(model=str(models["describer"]), device="cpu", batch_size=8, max_new_tokens=120),
+        instructor=TransformersSettings(model=str(models["instructor"]), device="cpu", batch_size=8, max_new_tokens=100),
+        seed=0, **kw,
+    )  # fmt: skip
+    stage = AnnotateStage(settings, {"catalog": tmp / "catalog", "pairs": tmp / "pairs", "cache": tmp / f"cache-{out}"}, tmp / out)
+    stage.setup()
+    stats = stage.process(stage.plan()[0][0])
+    return stats, annotations.read(tmp / out, "queries-00000", ok_only=False)
+
+
+def test_every_pair_is_kept_or_rejected_with_a_reason(pair_inputs, text_models):
+    stats, rows = annotate(pair_inputs, text_models, "a1", retries=1)
+    assert stats.input == 9 == len(rows) == stats.output + sum(stats.rejected.values())
+    assert stats.rejected["image_not_in_catalog"] == 1
+    for r in rows:
+        if r["status"] == "ok":
+            assert len(r["instructions"]) == 3 and r["description"] and 60 <= r["word_num"] <= 100
+        else:
+            assert r["error"] and r["instructions"] is None
+    assert all(r["error"].split(".")[0] in ("describe", "instruct") for r in rows if r["status"] == "rejected" and r["pair_id"] != "gone")
+
+
+def test_untrained_models_are_rejected_not_written(pair_inputs, corpus, tmp_path):
+    """Random weights babble: every pair must end rejected with the validator's reason, after its retries."""
+    from pipeline import demo_models
+
+    models = {
+        "describer": demo_models.build_describer(tmp_path / "d", str(corpus / "00000.tar"), steps=1),
+        "instructor": demo_models.build_instructor(tmp_path / "i", str(corpus / "00000.tar"), steps=1),
+    }
+    stats, rows = annotate(pair_inputs, models, "a2", retries=1)
+    assert stats.output == 0 and sum(stats.rejected.values()) == 9
+    assert all(r["describe_attempts"] == 2 for r in rows if r["error"].startswith("describe."))
+
+
+def test_a_rerun_answers_from_the_cache(pair_inputs, text_models):
+    _, first = annotate(pair_inputs, text_models, "a3")
+    db = pair_inputs / "cache-a3" / "annotate.sqlite"
+    n = pq.read_table(pair_inputs / "a3" / "queries-00000.parquet").num_rows
+    entries = AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    assert n == 9 and entries >= 8
+    _, second = annotate(pair_inputs, text_models, "a3")
+    assert second == first
+    assert AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == entries
