@@ -117,13 +117,15 @@ def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress
             wave = waves[i]
             todo = [u for u in wave if not ledger.is_done(spec.name, u.id, spec.fingerprint)]
             bar.update(len(wave) - len(todo))
-            executor.run(spec, todo, lambda rec: _advance(bar, rec))
+            output = [ledger.summary(spec.name)["output"]]  # the stage's output so far, shown on the bar
+
+            def advance(rec: dict) -> None:
+                output[0] += rec["output"]
+                bar.update(1)
+                bar.set_postfix_str(f"output={output[0]}", refresh=False)
+
+            executor.run(spec, todo, advance)
     ledger.finish_stage(spec.name)
-
-
-def _advance(bar: tqdm, rec: dict) -> None:
-    bar.update(1)
-    bar.set_postfix_str(f"out={rec['output']}", refresh=False)
 
 
 def _check_upstream_done(ledger: Ledger, all_specs: list[StageSpec], only: str) -> None:

@@ -60,13 +60,18 @@ def test_an_answer_depends_on_its_seed_only(server):
     assert a[0] == a[2] and all(isinstance(x, str) and x for x in a)
 
 
-def test_transient_errors_are_retried(server):
+def test_transient_errors_are_retried_with_the_same_seed(server):
     server.inject(Fault("429", retry_after="0"), Fault("503"), Fault("500"), Fault("malformed"))
     answers = client(server, max_concurrency=1).generate([REQ, REQ])
-    # 429/503/500 retried to success; a malformed body is the request's failure, retried by the stage
-    assert sorted(type(a).__name__ for a in answers) == ["Failed", "str"]
-    assert next(a for a in answers if isinstance(a, Failed)).reason == "malformed_response"
-    assert [e[1] for e in server.state.log][:3] == [429, 503, 500]
+    assert answers[0] == answers[1] and isinstance(answers[0], str)
+    assert [e[1] for e in server.state.log] == [429, 503, 500, "malformed", 200, 200]
+    assert {e[2] for e in server.state.log} == {REQ.seed}
+
+
+def test_a_body_that_stays_malformed_fails_only_its_request(server):
+    server.inject(*[Fault("malformed")] * 3)
+    [answer] = client(server, max_retries=2).generate([REQ])
+    assert isinstance(answer, Failed) and answer.reason == "malformed_response"
 
 
 def test_retry_after_is_honoured(server):
@@ -146,8 +151,7 @@ def test_pipeline_with_the_openai_backend(server, pipeline_config, tmp_path):
                         capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
     assert r2.returncode == 0, r2.stderr[-3000:]
     models = [e[3] for e in server.state.log]
-    # only the one request that got a malformed body in the first run is asked again: failures are not cached
-    assert "instructor" in models and models.count("describer") <= 1
+    assert "instructor" in models and "describer" not in models
     again = list(wds.WebDataset(sorted(str(p) for p in (out / "triplets").glob("*.tar")), shardshuffle=False).decode())
     assert all(descriptions[s["__key__"]] == s["json"]["description"] for s in again if s["__key__"] in descriptions)
 

@@ -198,8 +198,9 @@ class TransformersGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-        from stages.models.encoders import DTYPES, resolve_device
+        from stages.models.encoders import DTYPES, quiet_loading, resolve_device
 
+        quiet_loading()
         self.settings, self.vision, self.model_name = settings, vision, settings.model
         self.device = resolve_device(settings.device)
         dtype = DTYPES.get(settings.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -288,6 +289,7 @@ class OpenAIGenerator:
             return list(await asyncio.gather(*(one(r) for r in requests)))
 
     async def _request(self, client, req: ChatRequest) -> Answer:
+        """One request, retried as is (same seed: the same answer) on transient trouble."""
         import httpx
 
         s = self.settings
@@ -303,16 +305,22 @@ class OpenAIGenerator:
                 last = f"connection error ({type(e).__name__})"
             else:
                 if r.status_code == 200:
-                    return _answer_of(r)
-                if r.status_code in (401, 403):
+                    answer = _answer_of(r)
+                    if answer is not None:
+                        return answer
+                    last = "malformed response"  # a cut-off body is usually transient: ask again
+                elif r.status_code in (401, 403):
                     raise BackendError(f"{s.base_url} refused the API key{_key_source(s)} (HTTP {r.status_code})")
-                if r.status_code not in RETRY_STATUS:
+                elif r.status_code not in RETRY_STATUS:
                     return Failed(f"http_{r.status_code}")
-                last = f"HTTP {r.status_code}"
-                wait = _retry_after(r.headers.get("retry-after"), wait)
+                else:
+                    last = f"HTTP {r.status_code}"
+                    wait = _retry_after(r.headers.get("retry-after"), wait)
             if attempt < s.max_retries:
                 log.info("%s: %s, retrying in %.1fs", s.base_url, last, wait)
                 await asyncio.sleep(wait)
+        if last == "malformed response":  # the server answers, but not in the expected shape: this request fails
+            return Failed("malformed_response")
         raise BackendError(f"{s.base_url}: gave up after {s.max_retries + 1} attempts, last: {last}")
 
 
@@ -329,12 +337,13 @@ def _key_source(s: OpenAISettings) -> str:
     return f" from ${s.api_key_env}" if s.api_key_env else " (none was sent: set api_key_env)"
 
 
-def _answer_of(response) -> Answer:
+def _answer_of(response) -> str | None:
+    """The completion's text, or None when the body is not a chat completion."""
     try:
         content = response.json()["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        return Failed("malformed_response")
-    return content.strip() if isinstance(content, str) else Failed("malformed_response")
+        return None
+    return content.strip() if isinstance(content, str) else None
 
 
 def _retry_after(value: str | None, default: float) -> float:

@@ -25,6 +25,13 @@ Pooling = Literal["auto", "projection", "pooler", "cls", "mean"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_loading() -> None:
+    """No per-tensor "Loading weights" bars from transformers in workers' logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +172,7 @@ class ImageEncoder:
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, pooling: Pooling = "auto"):
         from transformers import AutoConfig, AutoModel
 
+        quiet_loading()
         config = AutoConfig.from_pretrained(name)
         # channels-last: convolutions run faster on CPU (oneDNN) and on tensor cores; ViTs do not mind
         self.model = _load_tower(name, config, "vision", AutoModel, dtype).to(device, memory_format=torch.channels_last).eval()
@@ -195,6 +203,7 @@ class TextEncoder:
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, pooling: Pooling = "auto", max_length: int = 128):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        quiet_loading()
         config = AutoConfig.from_pretrained(name)
         self.tokenizer = AutoTokenizer.from_pretrained(name)
         self.model = _load_tower(name, config, "text", AutoModel, dtype).to(device).eval()
