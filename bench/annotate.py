@@ -23,10 +23,9 @@ import json
 import random
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import median_seconds, write_result
 
 
 def _corpus_pairs(n: int, seed: int, workdir: Path) -> list[tuple]:
@@ -103,19 +102,16 @@ def backend(settings, requests, tokenizer, device: str) -> dict:
     return _timed(run, lambda: texts, tokenizer, len(requests), device)
 
 
-def _timed(run, texts, tokenizer, n: int, device: str) -> dict:
+def _timed(run, texts, tokenizer, n: int, device: str, repeats: int = 3) -> dict:
+    """Median wall time of `repeats` runs after one warm-up (kernels, caches, first allocations)."""
     import torch
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    run()  # warm-up: kernels, caches, first-call allocations
-    sync()
-    t0 = time.perf_counter()
-    run()
-    sync()
-    seconds = time.perf_counter() - t0
+    t = median_seconds(run, repeats=repeats, warmup=1, sync=torch.cuda.synchronize if device == "cuda" else None)
+    seconds = t["median_s"]
     tokens = _count_tokens(tokenizer, texts()) if tokenizer is not None else None
-    return {"seconds": round(seconds, 3), "pairs_per_s": round(n / seconds, 3),
-            "generated_tokens_per_s": round(tokens / seconds, 1) if tokens else None, "generated_tokens": tokens}  # fmt: skip
+    return {"median_s": round(seconds, 3), "min_s": round(t["min_s"], 3), "max_s": round(t["max_s"], 3), "repeats": repeats,
+            "pairs_per_s": round(n / seconds, 3), "generated_tokens_per_s": round(tokens / seconds, 1) if tokens else None,
+            "generated_tokens": tokens}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     from stages.annotation.backends import OpenAISettings, TransformersSettings
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    n = args.pairs or (64 if device == "cpu" else 512)
+    n = args.pairs or (128 if device == "cpu" else 512)
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     pairs = _corpus_pairs(n, seed=0, workdir=work)
     requests = _requests(pairs, args.image_side)
@@ -150,29 +146,32 @@ def main(argv: list[str] | None = None) -> Path:
 
     tokenizer = AutoProcessor.from_pretrained(describer).tokenizer
     common = dict(model=describer, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, device=device)
-    results = {
-        "plain_generate_b64": plain_generate(describer, requests, 64, args.max_new_tokens, device),
-        "transformers_backend_b64": backend(TransformersSettings(batch_size=64, **common), requests, tokenizer, device),
-        f"transformers_backend_b{min(256, n)}": backend(TransformersSettings(batch_size=min(256, n), **common), requests, tokenizer, device),
-    }
+    row = lambda name, backend_, batch, r: {"name": name, "step": "describe", "backend": backend_, "model": describer, "batch_size": batch, **r}  # noqa: E731
+    big = min(256, n)
+    results = [
+        row("plain_generate", "plain generate", 64, plain_generate(describer, requests, 64, args.max_new_tokens, device)),
+        row("transformers_backend", "transformers", 64, backend(TransformersSettings(batch_size=64, **common), requests, tokenizer, device)),
+        row("transformers_backend", "transformers", big, backend(TransformersSettings(batch_size=big, **common), requests, tokenizer, device)),
+    ]
     if args.openai_url:
         s = OpenAISettings(backend="openai", base_url=args.openai_url, model=args.openai_model or describer, max_new_tokens=args.max_new_tokens,
                            max_concurrency=args.openai_concurrency)  # fmt: skip
-        results["openai_backend"] = backend(s, requests, None, device)
+        results.append({**row("openai_backend", "openai", None, backend(s, requests, None, device)), "model": s.model})
+    skipped = {}
     try:
         import vllm  # noqa: F401
 
         from stages.annotation.backends import VLLMSettings
 
-        results["vllm_backend"] = backend(VLLMSettings(backend="vllm", model=describer, max_new_tokens=args.max_new_tokens), requests, tokenizer, device)
+        s = VLLMSettings(backend="vllm", model=describer, max_new_tokens=args.max_new_tokens)
+        results.append(row("vllm_backend", "vllm", None, backend(s, requests, tokenizer, device)))
     except ImportError:
-        results["vllm_backend"] = {"skipped": "vllm does not import here"}
-    base = results["plain_generate_b64"]["pairs_per_s"]
-    for r in results.values():
-        if "pairs_per_s" in r:
-            r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2)
+        skipped["vllm_backend"] = "vllm does not import here"
+    base = results[0]["pairs_per_s"]
+    for r in results:
+        r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2)
     params = {"pairs": n, "device": device, "describer": "tiny LLaVA-shaped demo model (see pipeline/demo_models.py)" if not args.models else describer,
-              "max_new_tokens": args.max_new_tokens, "image_side": args.image_side, "prompt": "describe-v1"}  # fmt: skip
+              "max_new_tokens": args.max_new_tokens, "image_side": args.image_side, "prompt": "describe-v1", "skipped": skipped}  # fmt: skip
     path = write_result("annotate", results, params, args.out_dir)
     print(json.dumps(results, indent=1))
     print(f"wrote {path}")

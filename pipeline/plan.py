@@ -339,6 +339,8 @@ def annotate_estimates(config: RunConfig, annotate, pairs: int, device: str) -> 
 def annotate_rate(annotate, step: str, gen, device: str) -> tuple[Figure, str] | None:
     if annotate:
         for i, r in enumerate(annotate[1].get("results", [])):
+            if not isinstance(r, dict) or r.get("backend", gen.backend) != gen.backend:  # the stage's backend, not a baseline
+                continue
             if step in str(r.get("step", r.get("role", ""))) and _same_model(r.get("model"), gen.model):
                 field = next((f for f in ("pairs_per_s", "requests_per_s") if f in r), None)
                 if field:
