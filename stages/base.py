@@ -33,6 +33,11 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
 
+    @classmethod
+    def of(cls, cpus: float, gpus: float | None, on_gpu: bool) -> "Resources":
+        """The settings' `gpus` when given, else one GPU per worker exactly when the work runs on one."""
+        return cls(cpus=cpus, gpus=gpus if gpus is not None else (1.0 if on_gpu else 0.0))
+
 
 @dataclass(frozen=True)
 class Unit:

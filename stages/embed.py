@@ -89,10 +89,7 @@ class EmbedStage(Stage):
     loads_model = True
 
     def resources(self) -> Resources:
-        gpus = self.settings.gpus
-        if gpus is None:
-            gpus = 1.0 if resolve_device(self.settings.device).type == "cuda" else 0.0
-        return Resources(cpus=self.settings.cpus, gpus=gpus)
+        return Resources.of(self.settings.cpus, self.settings.gpus, resolve_device(self.settings.device).type == "cuda")
 
     def check(self) -> None:
         for name, space in self.settings.spaces.items():

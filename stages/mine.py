@@ -204,10 +204,7 @@ class MineStage(Stage):
         self._catalog_shards: dict[str, int] | None = None
 
     def resources(self) -> Resources:
-        gpus = self.settings.gpus
-        if gpus is None:
-            gpus = 1.0 if self.device() == "cuda" else 0.0
-        return Resources(cpus=self.settings.cpus, gpus=gpus)
+        return Resources.of(self.settings.cpus, self.settings.gpus, self.device() == "cuda")
 
     def device(self) -> str:
         return knn_device.resolve(self.settings.device, self.settings.backend)
