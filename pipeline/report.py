@@ -73,7 +73,9 @@ def write_card(run_dir: Path) -> Path:
         "",
         *(f"- `{name}`: {sp['kind']} space, model `{sp['model']}`" for name, sp in spaces.items()),
         "",
-        f"Pairs: top-{config['mine']['k']} neighbours per space, band {config['mine']['band']} (open interval), "
+        f"Pairs: top-{config['mine']['k']} neighbours per space, band {config['mine']['band']} (open interval)"
+        + "".join(f", {sp} {b}" for sp, b in config["mine"]["bands"].items())
+        + ", "
         f"at most {config['mine']['pairs_per_query']} targets per query, {config['mine']['hard_negatives']} hard negatives.",
         "",
         f"Relation text: `{ann['describer']['model']}` with prompt `{ann['describe_prompt']}`; instructions: "

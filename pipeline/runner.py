@@ -121,8 +121,8 @@ def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress
 
             def advance(rec: dict) -> None:
                 output[0] += rec["output"]
-                bar.update(1)
                 bar.set_postfix_str(f"output={output[0]}", refresh=False)
+                bar.update(1)
 
             executor.run(spec, todo, advance)
     ledger.finish_stage(spec.name)

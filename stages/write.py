@@ -25,6 +25,7 @@ from stages import annotations, catalog, embeddings
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
 
 PARTS = ".index-parts"
+INDEX_FIELDS = ("q_img", "q_text", "t_img", "hns")
 IMAGES = "images"
 
 
@@ -79,6 +80,7 @@ class ShardedTarWriter:
 
 class WriteStage(Stage):
     name = "write"
+    version = "2"  # index.jsonl in the released field order
     Settings = WriteSettings
     settings: WriteSettings
 
@@ -201,7 +203,8 @@ class WriteStage(Stage):
         with atomic_path(self.output / "index.jsonl") as tmp, open(tmp, "w") as f:
             for part in self._parts():
                 for row in part:
-                    f.write(json.dumps(row["index"], ensure_ascii=False) + "\n")
+                    released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
+                    f.write(json.dumps(released, ensure_ascii=False) + "\n")
                     stats.counters["index_rows"] += 1
         return stats
 
