@@ -119,3 +119,14 @@ def test_a_rerun_answers_from_the_cache(pair_inputs, text_models):
     _, second = annotate(pair_inputs, text_models, "a3")
     assert second == first
     assert AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == entries
+
+
+def test_vllm_backend_answers_by_seed(text_models):
+    """Runs where vLLM imports (a GPU machine with megasynth[vllm]); the request building it uses is tested everywhere."""
+    pytest.importorskip("vllm")
+    from stages.annotation.backends import VLLMSettings
+
+    gen = make_generator(VLLMSettings(backend="vllm", model=str(text_models["instructor"]), max_new_tokens=30), vision=False)
+    reqs = [ChatRequest("Description: the query image and the target image show cats.\nInstructions:", (), seed=s) for s in (1, 2, 1)]
+    answers = gen.generate(reqs)
+    assert answers[0] == answers[2] and all(isinstance(a, str) for a in answers)
