@@ -9,8 +9,9 @@ parquet), in an image store ingest writes beside the catalog.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,20 +89,34 @@ def image_refs(table: pa.Table) -> list[ImageRef]:
     return [ImageRef(*t) for t in zip(d["id"], d["path"], d["offset"], d["size"])]
 
 
-_OPEN: OrderedDict[tuple, int] = OrderedDict()
-_MAX_OPEN = 64
+class _OpenFiles(OrderedDict):
+    """Read-only descriptors of one thread, least recently used closed first; all closed when the thread ends."""
+
+    MAX = 64
+
+    def fd(self, path: str) -> int:
+        st = os.stat(path)
+        key = (path, st.st_ino, st.st_mtime_ns)  # a rewritten file is reopened, never read stale
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        fd = self[key] = os.open(path, os.O_RDONLY)
+        if len(self) > self.MAX:
+            os.close(self.popitem(last=False)[1])
+        return fd
+
+    def __del__(self):
+        for fd in self.values():
+            os.close(fd)
+
+
+_THREAD = threading.local()  # one set per thread: a thread never closes a descriptor another is reading
 
 
 def _fd(path: str) -> int:
-    st = os.stat(path)
-    key = (path, st.st_ino, st.st_mtime_ns)  # a rewritten file is reopened, never read stale
-    if key in _OPEN:
-        _OPEN.move_to_end(key)
-        return _OPEN[key]
-    fd = _OPEN[key] = os.open(path, os.O_RDONLY)
-    if len(_OPEN) > _MAX_OPEN:
-        os.close(_OPEN.popitem(last=False)[1])
-    return fd
+    if not hasattr(_THREAD, "files"):
+        _THREAD.files = _OpenFiles()
+    return _THREAD.files.fd(path)
 
 
 def read_image_bytes(ref: ImageRef) -> bytes:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import json
+import os
+import random
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -182,3 +186,20 @@ def test_generated_corpus_ingests_whole(tmp_path, corpus):
     assert sum(s.input for s in stats.values()) == 200
     assert sum(s.output for s in stats.values()) == 200
     assert sum(s.counters["captionless"] for s in stats.values()) >= 1
+
+
+def test_image_reads_from_many_threads_and_files_stay_correct_and_close(tmp_path):
+    """Decode threads read catalogued bytes at once from more files than one thread keeps open."""
+    refs, want = [], {}
+    for i in range(3 * 64):
+        path = tmp_path / f"shard-{i}.bin"
+        path.write_bytes(bytes([i % 251]) * 100 + f"image-{i}".encode())
+        refs.append(catalog.ImageRef(f"s{i}/k", str(path), 100, len(f"image-{i}")))
+        want[f"s{i}/k"] = f"image-{i}".encode()
+    open_before = len(os.listdir("/proc/self/fd"))
+    jobs = [r for _ in range(3) for r in refs]
+    random.Random(0).shuffle(jobs)
+    with ThreadPoolExecutor(4) as pool:  # each thread cycles through more files than it keeps open
+        assert list(pool.map(catalog.read_image_bytes, jobs)) == [want[r.id] for r in jobs]
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == open_before  # the threads' files closed with them
