@@ -10,6 +10,10 @@ Side by side in one run, on the same requests (two images + the describe prompt 
 - `transformers_backend`: the annotate stage's backend at the same batch size, and at a
   larger one (length-sorted batches, left padding, per-request seeded sampling);
 - `openai_backend`: an endpoint you name (vLLM serve, SGLang, TGI), at its concurrency;
+- `openai_client_ceiling`: the openai backend against a server on 127.0.0.1 (its own process)
+  that answers at once with a fixed completion: what one annotate worker's client costs
+  (image encoding, JSON, HTTP) as CPU ms per pair, so 1000 / that is the most pairs/s one
+  core can send before the client, not the server, limits;
 - `vllm_backend`: vLLM's offline engine, where vllm imports.
 Speed-ups are each backend's pairs/s over plain_generate's, measured in the same run.
 """
@@ -21,8 +25,10 @@ import glob
 import io
 import json
 import random
+import statistics
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import median_seconds, write_result
@@ -54,11 +60,12 @@ def _requests(pairs, image_side: int):
 
     template = load_prompt("describe-v1")
     out = []
+    def sized(img):  # the longer side at image_side, as the annotate stage sends a full-size corpus image
+        scale = image_side / max(img.size)
+        return img.resize((round(img.width * scale), round(img.height * scale)))
+
     for i, ((qi, qc), (ti, tc)) in enumerate(pairs):
-        q, t = qi.copy(), ti.copy()
-        q.thumbnail((image_side, image_side))
-        t.thumbnail((image_side, image_side))
-        out.append(ChatRequest(describe_text(template, qc, tc, 60 + i % 41), (q, t), seed=i))
+        out.append(ChatRequest(describe_text(template, qc, tc, 60 + i % 41), (sized(qi), sized(ti)), seed=i))
     return out
 
 
@@ -95,11 +102,66 @@ def backend(settings, requests, tokenizer, device: str) -> dict:
 
     gen = make_generator(settings, vision=True)
     texts: list = []
+    cpu: list[float] = []  # this process's CPU seconds per run: for a remote backend, what the client costs
 
     def run() -> None:
+        t0 = time.process_time()
         texts[:] = [a if isinstance(a, str) else "" for a in gen.generate(requests)]
+        cpu.append(time.process_time() - t0)
 
-    return _timed(run, lambda: texts, tokenizer, len(requests), device)
+    result = _timed(run, lambda: texts, tokenizer, len(requests), device)
+    if settings.backend == "openai":
+        result["client_cpu_ms_per_pair"] = round(1000 * statistics.median(cpu[1:]) / len(requests), 3)
+    return result
+
+
+_INSTANT_ANSWER = json.dumps({"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": "Both images share a scene; the second differs."}}]}).encode()  # fmt: skip
+
+
+def _serve_instantly(port) -> None:
+    """Chat completions on 127.0.0.1 answered at once with a fixed text (runs in its own process)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(_INSTANT_ANSWER)))
+            self.end_headers()
+            self.wfile.write(_INSTANT_ANSWER)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the listen backlog, as real servers have it (the default 5 drops bursts of connects)
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    port.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+class _InstantServer:
+    """The instant server in a child process, so that only the client's cost lands on this one."""
+
+    def __enter__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        port = ctx.Queue()
+        self.proc = ctx.Process(target=_serve_instantly, args=(port,), daemon=True)
+        self.proc.start()
+        self.base_url = f"http://127.0.0.1:{port.get(timeout=60)}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.join()
 
 
 def _timed(run, texts, tokenizer, n: int, device: str, repeats: int = 3) -> dict:
@@ -157,6 +219,11 @@ def main(argv: list[str] | None = None) -> Path:
         s = OpenAISettings(backend="openai", base_url=args.openai_url, model=args.openai_model or describer, max_new_tokens=args.max_new_tokens,
                            max_concurrency=args.openai_concurrency)  # fmt: skip
         results.append({**row("openai_backend", "openai", None, backend(s, requests, None, device)), "model": s.model})
+    with _InstantServer() as srv:
+        s = OpenAISettings(backend="openai", base_url=srv.base_url, model="instant", max_new_tokens=args.max_new_tokens,
+                           max_concurrency=args.openai_concurrency)  # fmt: skip
+        results.append({**row("openai_client_ceiling", "openai", None, backend(s, requests, None, device)), "model": "fixed answer on 127.0.0.1",
+                        "max_concurrency": args.openai_concurrency})  # fmt: skip
     skipped = {}
     try:
         import vllm  # noqa: F401
@@ -168,8 +235,8 @@ def main(argv: list[str] | None = None) -> Path:
     except ImportError:
         skipped["vllm_backend"] = "vllm does not import here"
     base = results[0]["pairs_per_s"]
-    for r in results:
-        r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2)
+    for r in results:  # the client ceiling runs no model: no speed-up to speak of
+        r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2) if r["name"] != "openai_client_ceiling" else None
     params = {"pairs": n, "device": device, "describer": "tiny LLaVA-shaped demo model (see pipeline/demo_models.py)" if not args.models else describer,
               "max_new_tokens": args.max_new_tokens, "image_side": args.image_side, "prompt": "describe-v1", "skipped": skipped}  # fmt: skip
     path = write_result("annotate", results, params, args.out_dir)

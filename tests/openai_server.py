@@ -25,7 +25,7 @@ REFUSAL = "I'm sorry, but I can't help with that."
 
 @dataclass
 class Fault:
-    kind: str  # "429", "503", "500", "400", "hang", "malformed", "refuse"
+    kind: str  # "429", "503", "500", "400", "hang", "slow" (answers after hang_s), "malformed", "refuse"
     retry_after: str | None = None
     hang_s: float = 2.0
 
@@ -37,6 +37,8 @@ class ServerState:
     faults: deque = field(default_factory=deque)
     log: list = field(default_factory=list)  # (time, status, seed, model) per request
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    peak_in_flight: int = 0
 
 
 def load_generators(models: dict[str, tuple[str, bool]], temperature: float = 0.7) -> dict:
@@ -67,6 +69,10 @@ def make_handler(state: ServerState):
             pass
 
         def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+            if getattr(self, "counted", False):  # done before the client can see the answer and send its next request
+                with state.lock:
+                    state.in_flight -= 1
+                self.counted = False
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -85,6 +91,12 @@ def make_handler(state: ServerState):
                 return self._send(401, b'{"error": {"message": "invalid api key"}}')
             with state.lock:
                 fault = state.faults.popleft() if state.faults else None
+                state.in_flight += 1
+                state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+            self.counted = True
+            self._answer(payload, seed, fault)
+
+        def _answer(self, payload: dict, seed, fault: Fault | None) -> None:
             if fault is not None and fault.kind in ("429", "503", "500", "400"):
                 state.log.append((time.time(), int(fault.kind), seed, payload.get("model")))
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
@@ -93,6 +105,8 @@ def make_handler(state: ServerState):
                 state.log.append((time.time(), "hang", seed, payload.get("model")))
                 time.sleep(fault.hang_s)
                 return self._send(503, b"{}")
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.hang_s)
             if fault is not None and fault.kind == "malformed":
                 state.log.append((time.time(), "malformed", seed, payload.get("model")))
                 return self._send(200, b'{"choices": [{"mess')

@@ -68,6 +68,13 @@ def test_transient_errors_are_retried_with_the_same_seed(server):
     assert {e[2] for e in server.state.log} == {REQ.seed}
 
 
+def test_concurrency_is_bounded_and_used(server):
+    server.inject(*[Fault("slow", hang_s=0.3)] * 3)  # the first three stay open while the rest queue behind them
+    answers = client(server, max_concurrency=3).generate([ChatRequest(REQ.text, (), seed=i) for i in range(8)])
+    assert all(isinstance(a, str) and a for a in answers)
+    assert server.state.peak_in_flight == 3
+
+
 def test_a_body_that_stays_malformed_fails_only_its_request(server):
     server.inject(*[Fault("malformed")] * 3)
     [answer] = client(server, max_retries=2).generate([REQ])
