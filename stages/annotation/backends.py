@@ -16,8 +16,8 @@ answer cache all agree.
 from __future__ import annotations
 
 import asyncio
-import collections
 import base64
+import collections
 import email.utils
 import io
 import logging
