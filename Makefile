@@ -13,7 +13,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_CORPUS := data/demo-corpus
 DEMO_MODELS := assets/models
 
-.PHONY: install demo demo-assets test bench clean
+.PHONY: install demo demo-assets test bench gpu-wheels clean
 
 install: $(INSTALLED)
 
@@ -41,6 +41,16 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run --cpu
+
+# What bench/gpu.sh needs on a GPU machine without a package index (Python 3.12, x86-64),
+# at the versions installed here; the machine brings torch, transformers and the rest.
+GPU_WHEELS := faiss-cpu pydantic pydantic-core annotated-types typing-inspection typing-extensions braceexpand webdataset
+gpu-wheels: $(INSTALLED)
+	$(BIN)/python -m pip freeze | grep -iE '^($(subst -,[-_],$(subst $() ,|,$(GPU_WHEELS))))==' > .whl.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl -r .whl.txt
+	rm .whl.txt
 
 clean:
 	rm -rf runs/demo $(DEMO_CORPUS) $(DEMO_MODELS)

@@ -1,7 +1,8 @@
 """Annotation throughput: pairs/s and generated tokens/s per backend, against plain `generate`.
 
-    python -m bench.annotate --cpu                       # tiny demo-shaped models, CPU-sized
-    python -m bench.annotate --models assets/models      # the demo's trained describer/instructor
+    python -m bench.annotate --cpu                       # the tiny demo-shaped describer, CPU-sized
+    python -m bench.annotate                             # on a GPU: random weights in Qwen2-VL-2B's shape
+    python -m bench.annotate --describer assets/models/describer-tiny-llava   # a describer folder you have
     python -m bench.annotate --openai-url http://host:8000/v1 --openai-model Qwen/Qwen2-VL-2B-Instruct
 
 Side by side in one run, on the same requests (two images + the describe prompt per pair):
@@ -67,6 +68,50 @@ def _requests(pairs, image_side: int):
     for i, ((qi, qc), (ti, tc)) in enumerate(pairs):
         out.append(ChatRequest(describe_text(template, qc, tc, 60 + i % 41), (sized(qi), sized(ti)), seed=i))
     return out
+
+
+# Qwen2-VL-2B's language model (Qwen2-1.5B) and a 0.6B ViT at 256 tokens per 448px image.
+QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2)
+VIT_448 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=448, patch_size=28)
+QWEN2_VOCAB = 151_936
+
+
+def real_shape_describer(folder: Path, pairs, device: str, small: bool = False) -> Path:
+    """Random weights in the compute shape of DESIGN.md's describer: Qwen2-VL-2B's language model
+    (28 layers, width 1536, 12/2 query/KV heads, 151,936-token vocabulary) behind a 0.6B ViT that
+    gives 256 tokens per 448px image, so that two images and the describe prompt make about the
+    612 prompt tokens measured there. LLaVA's architecture rather than Qwen2-VL's, whose processor
+    needs torchvision; the ViT sees 256 patches of 28px where Qwen2-VL's sees 1024 of 14px merged
+    2x2, about a quarter of its vision compute. The tokenizer is trained here on the prompts (no hub).
+    `small` keeps the vocabulary and the 256 tokens per image but shrinks the towers: only to check
+    this code path on a CPU."""
+    import torch
+
+    from pipeline import demo_models as dm
+    from stages.annotation.prompts import describe_text, load_prompt
+
+    template = load_prompt("describe-v1")
+    tokenizer = dm.train_tokenizer([describe_text(template, qc, tc, 80) for (_, qc), (_, tc) in pairs], folder)
+    vision = {**dm.TINY_VISION, "image_size": 448, "patch_size": 28} if small else VIT_448
+    text = dm.TINY_TEXT if small else QWEN2_VL_2B_TEXT
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: seconds for 2B parameters on a GPU
+        model = dm.describer_model(tokenizer, vision=vision, text=text, vocab_size=QWEN2_VOCAB)
+    model.to(torch.bfloat16 if device == "cuda" else torch.float32).save_pretrained(folder)
+    dm.describer_processor(tokenizer, image_size=448, patch_size=28).save_pretrained(folder)
+    return folder
+
+
+def _prompt_tokens(describer: str, requests) -> float:
+    """Mean prompt tokens per request, image tokens included, as the model sees them."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(describer)
+    sample = requests[:16]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": r.text}]}],
+                                             add_generation_prompt=True, tokenize=False) for r in sample]  # fmt: skip
+    ids = processor(text=prompts, images=[list(r.images) for r in sample])["input_ids"]
+    return round(sum(len(x) for x in ids) / len(ids), 1)
 
 
 def _count_tokens(tokenizer, texts: list[str]) -> int:
@@ -179,14 +224,17 @@ def _timed(run, texts, tokenizer, n: int, device: str, repeats: int = 3) -> dict
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m bench.annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="CPU-sized run (a couple of minutes on 2 cores)")
-    p.add_argument("--pairs", type=int, default=None, help="requests per measurement (default 64 on CPU, 512 on GPU)")
-    p.add_argument("--models", default=None, help="a folder with describer-tiny-llava/ (default: build tiny ones here)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=None, help="requests per measurement (default 128 on CPU, 256 on GPU)")
+    p.add_argument("--describer", default=None, help="a describer model folder (default: built here, see --shape)")
+    p.add_argument("--shape", choices=["demo", "real"], default=None,
+                   help="demo: the tiny demo describer, briefly trained; real: random weights in Qwen2-VL-2B's shape (default: demo on CPU, real on GPU)")
+    p.add_argument("--small", action="store_true", help="with --shape real: shrunken towers, to check that path on a CPU")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 on CPU, 128 on GPU (DESIGN.md's shape)")
     p.add_argument("--image-side", type=int, default=448)
     p.add_argument("--openai-url", default=None)
     p.add_argument("--openai-model", default=None)
     p.add_argument("--openai-concurrency", type=int, default=64)
-    p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
 
     import torch
@@ -194,19 +242,25 @@ def main(argv: list[str] | None = None) -> Path:
     from stages.annotation.backends import OpenAISettings, TransformersSettings
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    n = args.pairs or (128 if device == "cpu" else 512)
+    n = args.pairs or (128 if device == "cpu" else 256)
+    shape = args.shape or ("demo" if device == "cpu" else "real")
+    args.max_new_tokens = args.max_new_tokens or (64 if device == "cpu" else 128)
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     pairs = _corpus_pairs(n, seed=0, workdir=work)
     requests = _requests(pairs, args.image_side)
-    if args.models:
-        describer = str(Path(args.models) / "describer-tiny-llava")
+    if args.describer:
+        describer, shape = args.describer, "given"
+    elif shape == "real":
+        describer = str(real_shape_describer(work / "describer", pairs, device, small=args.small))
     else:
         from pipeline import demo_models
 
         describer = str(demo_models.build_describer(work / "describer", str(work / "corpus" / "*.tar"), steps=30))
     from transformers import AutoProcessor
 
-    tokenizer = AutoProcessor.from_pretrained(describer).tokenizer
+    # Random weights write token ids the trained tokenizer lacks: count generated tokens only where
+    # the text re-tokenizes faithfully (a real shape runs to max_new_tokens but for a rare end token).
+    tokenizer = AutoProcessor.from_pretrained(describer).tokenizer if shape != "real" else None
     common = dict(model=describer, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, device=device)
     row = lambda name, backend_, batch, r: {"name": name, "step": "describe", "backend": backend_, "model": describer, "batch_size": batch, **r}  # noqa: E731
     big = min(256, n)
@@ -237,9 +291,13 @@ def main(argv: list[str] | None = None) -> Path:
     base = results[0]["pairs_per_s"]
     for r in results:  # the client ceiling runs no model: no speed-up to speak of
         r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2) if r["name"] != "openai_client_ceiling" else None
-    params = {"pairs": n, "device": device, "describer": "tiny LLaVA-shaped demo model (see pipeline/demo_models.py)" if not args.models else describer,
+    described = {"demo": "tiny LLaVA-shaped demo model (pipeline/demo_models.py), 30 training steps",
+                 "real": "random weights, Qwen2-VL-2B's language model + a 0.6B ViT (bench/annotate.py: real_shape_describer)"
+                         + (", shrunken (--small)" if args.small else ""),
+                 "given": describer}  # fmt: skip
+    params = {"pairs": n, "device": device, "describer": described[shape], "prompt_tokens_mean": _prompt_tokens(describer, requests),
               "max_new_tokens": args.max_new_tokens, "image_side": args.image_side, "prompt": "describe-v1", "skipped": skipped}  # fmt: skip
-    path = write_result("annotate", results, params, args.out_dir)
+    path = write_result("annotate", results, params, args.out)
     print(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return path

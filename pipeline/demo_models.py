@@ -526,7 +526,7 @@ def fresh_dir(out_dir) -> Path:
 # ---------------------------------------------------------------- the describer (VLM)
 
 
-def describer_processor(tokenizer):
+def describer_processor(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     from transformers import LlavaProcessor
 
     try:  # transformers 5: the PIL backend, which needs no torchvision
@@ -535,36 +535,36 @@ def describer_processor(tokenizer):
         from transformers import CLIPImageProcessor as ImageProcessor
 
     image_processor = ImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def describer_model(tokenizer):
+# The toy describer's towers; bench/annotate.py builds the same architecture at a real model's size.
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+TINY_TEXT = dict(hidden_size=160, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def describer_model(tokenizer, vision: dict = TINY_VISION, text: dict = TINY_TEXT, vocab_size: int | None = None):
+    """LLaVA: a CLIP vision tower feeding a Qwen2 language model, one token per image patch."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-    )  # fmt: skip
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=160, intermediate_size=448, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-    )  # fmt: skip
+    vision_config = CLIPVisionConfig(**vision)
+    text_config = Qwen2Config(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True, **text)
     config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
         tie_word_embeddings=True,
     )
     return LlavaForConditionalGeneration(config)
