@@ -262,7 +262,12 @@ def main(argv: list[str] | None = None) -> Path:
     # the text re-tokenizes faithfully (a real shape runs to max_new_tokens but for a rare end token).
     tokenizer = AutoProcessor.from_pretrained(describer).tokenizer if shape != "real" else None
     common = dict(model=describer, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, device=device)
-    row = lambda name, backend_, batch, r: {"name": name, "step": "describe", "backend": backend_, "model": describer, "batch_size": batch, **r}  # noqa: E731
+    label = describer
+    if shape == "real":
+        from pipeline.plan import QWEN2_VL_2B_SHAPE
+
+        label = "shrunken towers (--small), not a measurement of any shape" if args.small else f"{QWEN2_VL_2B_SHAPE} (random weights, LLaVA architecture)"
+    row = lambda name, backend_, batch, r: {"name": name, "step": "describe", "backend": backend_, "model": label, "batch_size": batch, **r}  # noqa: E731
     big = min(256, n)
     results = [
         row("plain_generate", "plain generate", 64, plain_generate(describer, requests, 64, args.max_new_tokens, device)),

@@ -47,6 +47,8 @@ DESIGN_H200 = {
 }
 # Which DESIGN figure measured which hub model (image towers only: the table has no text tower).
 DESIGN_MODELS = {"openai/clip-vit-large-patch14": "clip-vit-l14-vision", "facebook/dinov2-base": "dinov2-b14"}
+# bench/annotate.py labels its rows with this when it runs random weights in the describer shape DESIGN measured.
+QWEN2_VL_2B_SHAPE = "Qwen2-VL-2B shape"
 SHARD_ROWS = 10_000  # img2dataset's default samples per shard: the mine memory formulas need a shard size
 ID_BYTES = 4 * 15  # ids "{5-digit shard}/{9-digit key}" stored as numpy U15 (stages.embeddings)
 HASH_BYTES = 8
@@ -347,12 +349,27 @@ def annotate_rate(annotate, step: str, gen, device: str) -> tuple[Figure, str] |
                     return Figure(r[field], f"{annotate[0]}: results[{i}].{field}"), ""
     batch = getattr(gen, "batch_size", None)
     if step == "describe":
-        fig = design("describe-b256" if batch and batch >= 256 else "describe-b64", device)
         caveat = f"measured for a Qwen2-VL-2B shape at 128 new tokens; the config runs {gen.model}, {gen.max_new_tokens} new tokens, batch {batch}"
+        shaped = _shape_row(annotate, gen.backend, batch)
+        if shaped:
+            return shaped, caveat
+        fig = design("describe-b256" if batch and batch >= 256 else "describe-b64", device)
     else:
         fig = design("instruct-b128", device)
         caveat = f"measured for a Llama-3-8B shape at 96 new tokens; the config runs {gen.model}, {gen.max_new_tokens} new tokens, batch {batch}"
     return (fig, caveat) if fig else None
+
+
+def _shape_row(annotate, backend: str, batch: int | None) -> Figure | None:
+    """The annotate benchmark's own run of the Qwen2-VL-2B shape on this backend, nearest batch size first."""
+    if not annotate:
+        return None
+    rows = [(i, r) for i, r in enumerate(annotate[1].get("results", []))
+            if isinstance(r, dict) and r.get("backend") == backend and str(r.get("model", "")).startswith(QWEN2_VL_2B_SHAPE)]  # fmt: skip
+    if not rows:
+        return None
+    i, r = min(rows, key=lambda ir: abs((ir[1].get("batch_size") or 0) - (batch or 0)))
+    return Figure(r["pairs_per_s"], f"{annotate[0]}: results[{i}].pairs_per_s ({r['model']}, batch {r.get('batch_size')})")
 
 
 def write_estimates(config: RunConfig, images: int, queries: int, pairs: int, demo_triplets: Path) -> list[Estimate]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.plan import DESIGN, DESIGN_H200, estimate, format_plan, knn_rate, parse_count, plan_command
+from pipeline.plan import DESIGN, DESIGN_H200, QWEN2_VL_2B_SHAPE, estimate, format_plan, knn_rate, parse_count, plan_command
 
 MEGAPAIRS = Path(__file__).resolve().parent.parent / "configs" / "megapairs.yaml"
 
@@ -123,3 +123,27 @@ def test_plan_command_prints_text_or_json(tmp_path):
     assert "20,000,000 images" in text and "total:" in text
     data = json.loads(plan_command(MEGAPAIRS, "500k", device="h200", results_dir=tmp_path, as_json=True))
     assert data["images"] == 500_000 and data["totals"]["model_hours_unit"] == "GPU-hours"
+
+
+def test_a_measured_describer_shape_is_preferred_to_design(tmp_path):
+    """bench/annotate.py's run of the Qwen2-VL-2B shape stands for the config's describer, with its caveat."""
+    results = tmp_path / "results"
+    results.mkdir()
+    label = f"{QWEN2_VL_2B_SHAPE} (random weights, LLaVA architecture)"
+    annotate = {"results": [
+        {"step": "describe", "backend": "plain generate", "model": label, "batch_size": 64, "pairs_per_s": 10.0},
+        {"step": "describe", "backend": "transformers", "model": label, "batch_size": 64, "pairs_per_s": 50.0},
+        {"step": "describe", "backend": "transformers", "model": label, "batch_size": 256, "pairs_per_s": 80.0},
+        {"step": "describe", "backend": "openai", "model": "fixed answer on 127.0.0.1", "batch_size": None, "pairs_per_s": 900.0},
+    ]}
+    (results / "annotate-h200.json").write_text(json.dumps(annotate))
+    config = load_config(MEGAPAIRS, ["mine.backend=faiss", "mine.device=auto"])
+    e = by_what(estimate(config, 1_000_000, results, demo_triplets=tmp_path / "no-demo"))
+    (describe,) = [v for k, v in e.items() if k.startswith("annotate: describe (")]
+    batch = config.annotate.describer.batch_size
+    expected = 80.0 if abs(batch - 256) < abs(batch - 64) else 50.0
+    pairs = e["annotate: pairs to annotate"]["value"]
+    assert describe["value"] == pytest.approx(pairs / expected / 3600)
+    assert "annotate-h200.json" in describe["source"] and "Qwen2-VL-2B shape" in describe["caveat"]
+    (instruct,) = [v for k, v in e.items() if k.startswith("annotate: instruct (")]  # no instructor measured: DESIGN's figure
+    assert instruct["source"].startswith(DESIGN)
