@@ -69,13 +69,6 @@ def read(folder: Path, shard: str, ok_only: bool = True, columns: list[str] | No
     return table
 
 
-def read_all(folder: Path, ok_only: bool = True, columns: list[str] | None = None) -> pa.Table:
-    tables = [read(folder, s, ok_only, columns) for s in shards(folder)]
-    if not tables:
-        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    return pa.concat_tables(tables)
-
-
 @dataclass(frozen=True)
 class ImageRef:
     id: str

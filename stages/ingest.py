@@ -127,11 +127,12 @@ class IngestStage(Stage):
         }
         if sample.location is not None:
             row.update(path=sample.location.path, offset=sample.location.offset, size=sample.location.size)
-        error = self._validate(sample, row)
         seen[sample.key] += 1
-        if seen[sample.key] > 1:
+        if seen[sample.key] > 1:  # rejected whatever its image: no need to decode and hash it
             error = "duplicate_key"
             row["id"] = f"{row['id']}#{seen[sample.key]}"  # ids stay unique in the catalog
+        else:
+            error = self._validate(sample, row)
         if error:
             row.update(status=catalog.REJECTED, error=error, path=None, offset=None, size=None)
         return row

@@ -203,3 +203,64 @@ def test_image_reads_from_many_threads_and_files_stay_correct_and_close(tmp_path
         assert list(pool.map(catalog.read_image_bytes, jobs)) == [want[r.id] for r in jobs]
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == open_before  # the threads' files closed with them
+
+
+def test_shard_names_that_sanitise_alike_get_distinct_ids(tmp_path):
+    """"a b.tar" and "a_b.tar" both sanitise to "a_b": one shard's catalog must not overwrite the other's."""
+    first = write_tar(tmp_path / "a b.tar", [("k1.jpg", jpeg_bytes())])
+    second = write_tar(tmp_path / "a_b.tar", [("k2.jpg", jpeg_bytes(colour=(1, 2, 3)))])
+    stage, stats = ingest(tmp_path, [str(first), str(second)])
+    ids = [s.id for s in stage.shards()]
+    assert len(set(ids)) == 2 == len(catalog.shards(tmp_path / "catalog"))
+    assert {k: r["status"] for k, r in rows(tmp_path).items()} == {"k1": "ok", "k2": "ok"}
+
+
+def test_folder_of_tgz_shards_is_a_webdataset_corpus(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    raw = write_tar(tmp_path / "raw.tar", [("k1.jpg", jpeg_bytes()), ("k1.txt", b"red")])
+    (root / "s0.tgz").write_bytes(gzip.compress(raw.read_bytes()))
+    stage, _ = ingest(tmp_path, [str(root)])
+    assert [(s.id, s.kind) for s in stage.shards()] == [("s0", "webdataset")]
+    assert rows(tmp_path)["k1"]["caption"] == "red"
+
+
+def test_folder_file_gone_after_discovery_rejects_only_that_sample(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        (root / f"k{i}.jpg").write_bytes(jpeg_bytes(colour=(i, 0, 0)))
+    stage = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(root)])), {}, tmp_path / "catalog")
+    stage.check()
+    (unit,) = stage.plan()[0]
+    (root / "k1.jpg").unlink()  # vanished between discovery and reading
+    s = stage.process(unit)
+    assert {k: r["error"] for k, r in rows(tmp_path).items()} == {"k0": None, "k1": "unreadable_file", "k2": None}
+    assert s.input == 3 == s.output + sum(s.rejected.values()) and s.rejected == {"unreadable_file": 1}
+
+
+def test_duplicate_keys_are_rejected_without_decoding(tmp_path, monkeypatch):
+    validated: list[str] = []
+    validate = IngestStage._validate
+
+    def spy(self, sample, row):
+        validated.append(sample.key)
+        return validate(self, sample, row)
+
+    monkeypatch.setattr(IngestStage, "_validate", spy)
+    tar = write_tar(tmp_path / "d.tar", [("k.jpg", jpeg_bytes()), ("other.jpg", jpeg_bytes()), ("k.jpg", jpeg_bytes())])
+    ingest(tmp_path, [str(tar)])
+    assert validated == ["k", "other"]
+    assert rows(tmp_path)["k#2"]["error"] == "duplicate_key"
+
+
+def test_failed_synthetic_shard_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from stages.corpus.synthetic import make_corpus
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        make_corpus(tmp_path / "corpus", 2, shard_size=2, image_size=(64, 48))
+    assert list((tmp_path / "corpus").iterdir()) == []  # a glob over the folder finds nothing half-written

@@ -112,7 +112,7 @@ def discover(patterns: list[str], fmt: CorpusFormat = "auto", folder_shard_size:
 
 
 def _discover_dir(path: str) -> list[tuple[str, str]]:
-    tars = sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
+    tars = sorted(t for pattern in ("*.tar", "*.tar.gz", "*.tgz") for t in glob.glob(os.path.join(path, pattern)))
     if tars:
         return [("webdataset", t) for t in tars]
     parquets = sorted(glob.glob(os.path.join(path, "*.parquet")))
@@ -147,13 +147,14 @@ def _name_shards(shards: list[tuple[str, str, tuple[str, ...]]]) -> list[CorpusS
                 return base[: -len(suffix)]
         return base
 
-    stems = [stem(k, p) for k, p, _ in shards]
-    unique = len(set(stems)) == len(stems)
-    out = []
-    for i, ((kind, path, files), s) in enumerate(zip(shards, stems)):
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "shard"
-        out.append(CorpusShard(safe if unique else f"{i:05d}-{safe}", kind, path, files))  # type: ignore[arg-type]
-    return out
+    safe = ["".join(c if c.isalnum() or c in "-_" else "_" for c in stem(k, p)) or "shard" for k, p, _ in shards]
+    # Checked on the sanitised ids, not the stems: "a b.tar" and "a_b.tar" would both be
+    # "a_b", and one shard's catalog would overwrite the other's.
+    unique = len(set(safe)) == len(safe)
+    return [
+        CorpusShard(s if unique else f"{i:05d}-{s}", kind, path, files)  # type: ignore[arg-type]
+        for i, ((kind, path, files), s) in enumerate(zip(shards, safe))
+    ]
 
 
 # --- reading one shard ----------------------------------------------------------------------
@@ -260,12 +261,17 @@ def _read_file(value: str | None, base: str) -> tuple[bytes | None, str | None, 
 
 def _read_folder(root: str, files: tuple[str, ...]) -> Iterator[RawSample]:
     for path in files:
-        stem, ext = path.rsplit(".", 1)
+        stem = path.rsplit(".", 1)[0]
         key = os.path.relpath(stem, root).replace(os.sep, "/")
-        data = Path(path).read_bytes()
-        sample = RawSample(key=key, image=data, image_ext=ext.lower(), location=Location(os.path.abspath(path), 0, len(data)))
-        if os.path.exists(stem + ".json"):
-            sample.meta, sample.error = _parse_json(Path(stem + ".json").read_bytes())
-        if os.path.exists(stem + ".txt"):
-            sample.text = Path(stem + ".txt").read_text(encoding="utf-8", errors="replace").strip()
+        image, image_ext, location = _read_file(path, base=root)
+        sample = RawSample(key=key, image=image, image_ext=image_ext, location=location)
+        try:
+            if os.path.exists(stem + ".json"):
+                sample.meta, sample.error = _parse_json(Path(stem + ".json").read_bytes())
+            if os.path.exists(stem + ".txt"):
+                sample.text = Path(stem + ".txt").read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:  # a sidecar gone or unreadable: reject this sample, not the whole shard
+            sample.error = "unreadable_file"
+        if image is None:  # listed at discovery, gone or unreadable now
+            sample.error = "unreadable_file"
         yield sample

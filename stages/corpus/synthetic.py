@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from stages.base import write_bytes_atomic
 
 JPEG_QUALITY = 90
 TAR_MTIME = 1_700_000_000  # fixed so that the tar bytes never depend on the clock
@@ -884,12 +885,6 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, samples: list[Sample]) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -902,7 +897,7 @@ def write_shard(path: Path, samples: list[Sample]) -> None:
             _tar_member(tar, f"{sample.key}.jpg", jpeg)
             _tar_member(tar, f"{sample.key}.json", json.dumps(meta, ensure_ascii=False).encode())
             _tar_member(tar, f"{sample.key}.txt", sample.caption.encode())
-    _write_atomically(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def shard_stats(count: int) -> bytes:
@@ -930,7 +925,7 @@ def make_corpus(out_dir: str | Path, images: int, seed: int = 0, shard_size: int
     shards = [samples[i:i + shard_size] for i in range(0, len(samples), shard_size)]
     for shard, members in enumerate(shards):
         write_shard(out / f"{shard:05d}.tar", members)
-        _write_atomically(out / f"{shard:05d}_stats.json", shard_stats(len(members)))
+        write_bytes_atomic(out / f"{shard:05d}_stats.json", shard_stats(len(members)))
         if progress:
             print(f"synthetic corpus: shard {shard + 1}/{len(shards)}", file=sys.stderr, flush=True)
     _remove_stale_shards(out, len(shards))
