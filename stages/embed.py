@@ -161,7 +161,7 @@ class EmbedStage(Stage):
                 queued[-1].record()
                 if len(queued) > GPU_QUEUE:  # wait for an older batch, never for the one just queued
                     queued.popleft().synchronize()
-        return {n: _to_fp16(c) for n, c in chunks.items()}
+        return {n: _to_fp16(c, self.image_encoders[n]) for n, c in chunks.items()}
 
     def _prepared_batches(self, refs: list[catalog.ImageRef]) -> Iterator[PreparedBatch]:
         """Batches in order; while one is yielded, the next `prefetch` are being read and prepared."""
@@ -235,25 +235,29 @@ class EmbedStage(Stage):
 
     def _embed_texts(self, enc: TextEncoder, texts: list[str]) -> np.ndarray:
         if not texts:
-            return np.zeros((0, 0), np.float16)
+            return _to_fp16([], enc)
         order = np.argsort(enc.lengths(texts), kind="stable")  # similar lengths share a batch: less padding
         bs = self.settings.batch_size
-        sorted_vecs = _to_fp16([enc([texts[i] for i in order[s : s + bs]]) for s in range(0, len(order), bs)])
+        sorted_vecs = _to_fp16([enc([texts[i] for i in order[s : s + bs]]) for s in range(0, len(order), bs)], enc)
         out = np.empty_like(sorted_vecs)
         out[order] = sorted_vecs
         return out
 
     def _save(self, space: str, shard: str, ids: np.ndarray, hashes: np.ndarray, vecs: np.ndarray) -> None:
         sp = self.settings.spaces[space]
-        if len(vecs):
-            embeddings.write_manifest(self.output, space, {"kind": sp.kind, "model": sp.model, "pooling": sp.pooling, "dim": int(vecs.shape[1])})
+        # written only when absent or different (see write_manifest); an empty shard's (0, dim) vectors carry the dim too
+        embeddings.write_manifest(self.output, space, {"kind": sp.kind, "model": sp.model, "pooling": sp.pooling, "dim": int(vecs.shape[1])})
         embeddings.save(self.output, space, shard, ids, hashes, vecs)
 
 
-def _to_fp16(chunks: list[torch.Tensor]) -> np.ndarray:
-    """Device float32 batches -> one fp16 array: a single device-to-host copy per space and shard."""
+def _to_fp16(chunks: list[torch.Tensor], enc: ImageEncoder | TextEncoder) -> np.ndarray:
+    """Device float32 batches -> one fp16 array: a single device-to-host copy per space and shard.
+
+    No batches (nothing in the shard to embed in this space): shape (0, the encoder's dim), so an empty
+    shard's file has the space's width like any other.
+    """
     if not chunks:
-        return np.zeros((0, 0), np.float16)
+        return np.zeros((0, enc.dim), np.float16)
     return torch.cat(chunks).cpu().numpy().astype(np.float16)
 
 

@@ -31,18 +31,32 @@ def hash64(sha256_hex: str) -> int:
 
 
 def write_manifest(folder: Path, space: str, manifest: dict) -> None:
-    """`{space}/space.json`: which model made the space. Every unit writes the same bytes."""
+    """`{space}/space.json`: which model made the space, and its `dim`. Every unit asks for the same
+    bytes; they are written (atomically, with fsync) only when the file is absent or differs."""
     import json
 
     from stages.base import write_bytes_atomic
 
-    write_bytes_atomic(Path(folder) / space / "space.json", json.dumps(manifest, sort_keys=True).encode())
+    path = Path(folder) / space / "space.json"
+    data = json.dumps(manifest, sort_keys=True).encode()
+    try:
+        if path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    write_bytes_atomic(path, data)
+
+
+def read_manifest(folder: Path, space: str) -> dict | None:
+    """One space's `space.json`, or None where embed wrote none."""
+    import json
+
+    path = Path(folder) / space / "space.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_manifests(folder: Path) -> dict[str, dict]:
-    import json
-
-    return {s: json.loads((Path(folder) / s / "space.json").read_text()) for s in spaces(folder) if (Path(folder) / s / "space.json").is_file()}
+    return {s: m for s in spaces(folder) if (m := read_manifest(folder, s)) is not None}
 
 
 def save(folder: Path, space: str, shard: str, ids: np.ndarray, hashes: np.ndarray, vectors: np.ndarray) -> None:

@@ -235,20 +235,25 @@ class MineStage(Stage):
         return [[Unit(f"index-{space}", {"space": space}) for space in spaces], queries]
 
     def _check_index_at_dim(self, space: str) -> None:
-        if not embeddings.shards(self.inputs["embeddings"], space):
+        d = self._dim(space)
+        if d is None:  # nothing embedded in this space: nothing to index
             return
         try:
-            faiss_index.check_factory(self.settings.index, self._dim(space))
+            faiss_index.check_factory(self.settings.index, d)
         except ValueError as e:
             raise ValueError(f"mine.index: {e} (space {space})") from None
 
     def _query_units(self) -> list[Unit]:
         shards = catalog.shards(self.inputs["catalog"])
-        ranks = [self._ok_ranks(s) for s in shards]
-        threshold = self._rank_threshold(ranks)
+        if self.settings.queries is None:  # every OK image is a query: no ranks to compute
+            threshold = ALL_QUERIES
+            counts = [catalog.read(self.inputs["catalog"], s, columns=["status"]).num_rows for s in shards]
+        else:
+            ranks = [self._ok_ranks(s) for s in shards]
+            threshold = self._rank_threshold(ranks)
+            counts = [int(np.count_nonzero(r <= threshold)) for r in ranks]
         units, group, count = [], [], 0
-        for s, r in zip(shards, ranks):
-            n = int(np.count_nonzero(r <= threshold))
+        for s, n in zip(shards, counts):
             if n == 0:
                 continue
             group.append(s)
@@ -295,9 +300,9 @@ class MineStage(Stage):
 
         s, emb = self.settings, self.inputs["embeddings"]
         names = embeddings.shards(emb, space)
-        if not names:
-            return Stats()  # nothing embedded in this space: nothing to index, nothing to search
         sizes = [len(embeddings.load(emb, space, n, ("hashes",))[0]) for n in names]
+        if not any(sizes):
+            return Stats()  # nothing embedded in this space: nothing to index, nothing to search
         if not faiss_index.builds_in_parallel_deterministically(s.index):
             faiss.omp_set_num_threads(1)
         try:
@@ -327,7 +332,7 @@ class MineStage(Stage):
             rows = [
                 row
                 for row, (i, status) in enumerate(zip(t["id"].to_pylist(), t["status"].to_pylist()))
-                if status == catalog.OK and query_rank(self.settings.seed, i) <= threshold
+                if status == catalog.OK and (threshold == ALL_QUERIES or query_rank(self.settings.seed, i) <= threshold)
             ]
             ids += t["id"].take(pa.array(rows, pa.int64())).to_pylist()
             ordinals.append(pack(self._catalog_index(s), np.array(rows, dtype=np.int64)))
@@ -353,6 +358,8 @@ class MineStage(Stage):
                 continue
             ids, hashes, v = embeddings.load(self.inputs["embeddings"], space, s)
             rows = np.array([r for r, i in enumerate(ids.tolist()) if i in index_of], dtype=np.int64)
+            if len(rows) == 0:  # also skips an empty shard whose file (older embed) has shape (0, 0)
+                continue
             p = np.array([index_of[i] for i in ids[rows].tolist()], dtype=np.int64)
             q.hashes[p], q.has_hash[p] = hashes[rows], True
             pos.append(p)
@@ -532,9 +539,18 @@ class MineStage(Stage):
             self._indexes[space] = (stamp, faiss_index.LoadedIndex(path, names, self.settings.search_params, self._faiss_gpu()))
         return self._indexes[space][1]
 
-    def _dim(self, space: str) -> int:
-        names = embeddings.shards(self.inputs["embeddings"], space)
-        return int(embeddings.load(self.inputs["embeddings"], space, names[0], ("vectors",))[0].shape[1])
+    def _dim(self, space: str) -> int | None:
+        """The space's vector width: from its space.json, else from its first non-empty shard (an empty shard
+        may be (0, 0), as older embeds wrote it); None when nothing is embedded in the space."""
+        emb = self.inputs["embeddings"]
+        manifest = embeddings.read_manifest(emb, space) or {}
+        if manifest.get("dim"):
+            return int(manifest["dim"])
+        for name in embeddings.shards(emb, space):
+            vectors = embeddings.load(emb, space, name, ("vectors",))[0]
+            if len(vectors):
+                return int(vectors.shape[1])
+        return None
 
 
 def _by_shard(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:

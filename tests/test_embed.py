@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from stages import catalog, embeddings
+from conftest import write_tar
+from stages import catalog, embeddings, pairs
 from stages.embed import EmbedSettings, EmbedStage, SpaceSettings, decode_pil
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
+from stages.mine import MineSettings, MineStage
 from stages.models.encoders import ImageEncoder, ImageTransform, TextEncoder, check_model_path
 
 
@@ -55,12 +58,12 @@ def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, catalo
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
 
-    table = catalog.read(catalog_dir, "00000", columns=["id", "caption", "re_caption"]).to_pylist()
+    table = catalog.read(catalog_dir, "00000", columns=["id", "caption", "re_caption", "sha256"]).to_pylist()
     ids, hashes, vecs = embeddings.load(tmp_path / "emb", "semantic", "00000")
     assert list(ids) == [r["id"] for r in table] and stats.output == len(table) == 50
     assert vecs.dtype == np.float16 and vecs.shape == (50, 1280)
     np.testing.assert_allclose(np.linalg.norm(vecs.astype(np.float32), axis=1), 1.0, atol=2e-3)
-    assert len(set(hashes.tolist())) <= 50
+    assert hashes.dtype == np.uint64 and hashes.tolist() == [embeddings.hash64(r["sha256"]) for r in table]
 
     cap_ids, _, cap_vecs = embeddings.load(tmp_path / "emb", "caption", "00000")
     captioned = [r["id"] for r in table if r["caption"] or r["re_caption"]]
@@ -142,3 +145,60 @@ def test_clip_towers_load_alone_from_a_clip_folder(tmp_path, image_models):
     for got, want in ((image_enc(images), want_img), (text_enc(texts), want_txt)):
         want = want if isinstance(want, torch.Tensor) else want.pooler_output
         torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_embed_then_mine_when_the_first_shard_has_nothing_to_embed(tmp_path, corpus, image_models):
+    """Shard "a" (sorts first) is wholly rejected by ingest, "b" is captionless, "c" is ordinary. Every space
+    file has the space's width, even with no rows, and mine (streamed or with an index) reads that width
+    from space.json, not from the first shard."""
+    with tarfile.open(corpus / "00000.tar") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    keys = sorted({name.split(".")[0] for name in files})[:16]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tar(src / "a.tar", [(name, b"not an image" if name.endswith(".jpg") else files[name]) for k in keys[:4] for name in (f"{k}.jpg", f"{k}.txt")])
+    write_tar(src / "b.tar", [(f"{k}.jpg", files[f"{k}.jpg"]) for k in keys[:8]])
+    write_tar(src / "c.tar", [(name, files[name]) for k in keys[8:] for name in (f"{k}.jpg", f"{k}.txt", f"{k}.json") if name in files])
+
+    cat, emb = tmp_path / "catalog", tmp_path / "emb"
+    ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(src / "*.tar")])), {}, cat)
+    for u in ingest.plan()[0]:
+        ingest.process(u)
+    assert catalog.shards(cat) == ["a", "b", "c"] and catalog.read(cat, "a").num_rows == 0
+    captioned = [r["id"] for r in catalog.read(cat, "c", columns=["id", "caption", "re_caption"]).to_pylist() if r["caption"] or r["re_caption"]]
+    assert captioned
+
+    spaces = {
+        "semantic": SpaceSettings(kind="image", model=str(image_models["semantic"])),
+        "caption": SpaceSettings(kind="text", model=str(image_models["caption"])),
+    }
+    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=8, device="cpu"), {"catalog": cat}, emb)
+    stage.setup()
+    units = stage.plan()[0]
+    for u in units:
+        stage.process(u)
+    shapes = {(sp, sh): embeddings.load(emb, sp, sh)[2].shape for sp in spaces for sh in ("a", "b", "c")}
+    assert shapes == {
+        ("semantic", "a"): (0, 1280), ("semantic", "b"): (8, 1280), ("semantic", "c"): (8, 1280),
+        ("caption", "a"): (0, 384), ("caption", "b"): (0, 384), ("caption", "c"): (len(captioned), 384),
+    }  # fmt: skip
+    assert {sp: m["dim"] for sp, m in embeddings.read_manifests(emb).items()} == {"semantic": 1280, "caption": 384}
+
+    # space.json is written once, not again by every unit (an atomic rewrite would give it a new inode)
+    inodes = {sp: (emb / sp / "space.json").stat().st_ino for sp in spaces}
+    stage.process(units[-1])
+    assert {sp: (emb / sp / "space.json").stat().st_ino for sp in spaces} == inodes
+
+    inputs = {"catalog": cat, "embeddings": emb}
+    mined = {}
+    for name, extra in {"flat": {}, "ivf": {"index": "IVF2,Flat", "search_params": "nprobe=2"}}.items():
+        mine = MineStage(MineSettings(seed=0, k=4, band=(0.0, 0.9999), **extra), inputs, tmp_path / name)
+        for wave in mine.plan():
+            for u in wave:
+                mine.process(u)
+        mined[name] = sorted((r for u in pairs.units(tmp_path / name) for r in pairs.read(tmp_path / name, u)), key=lambda r: r["pair_id"])
+    assert mined["flat"] == mined["ivf"] and mined["flat"]
+    assert all(r["query_id"][0] in "bc" and r["target_id"][0] in "bc" for r in mined["flat"])
+    for r in mined["flat"]:
+        if any(s["space"] == "caption" for s in r["spaces"]):
+            assert r["query_id"] in captioned and r["target_id"] in captioned

@@ -268,3 +268,21 @@ def test_unknown_space_is_an_error(tmp_path):
         MineStage(MineSettings(spaces=["nope"]), inputs, tmp_path / "pairs").plan()
     with pytest.raises(ValueError, match="no embedded space named"):
         MineStage(MineSettings(bands={"typo": (0.1, 0.2)}), inputs, tmp_path / "pairs").plan()
+
+
+@pytest.mark.parametrize("settings", [{}, {"index": "IVF2,Flat", "search_params": "nprobe=2"}], ids=["flat", "ivf"])
+def test_an_empty_first_shard_of_any_width_changes_nothing(tmp_path, settings):
+    """Space b has nothing in the first shard. Whether that shard's file is (0, 8) or (0, 0) (as embed once wrote
+    it), and with no space.json to say the width, mine takes the width from the first non-empty shard."""
+    shards = random_corpus()
+    shards["s0"] = [(k, hx, {"a": v["a"]}) for k, hx, v in shards["s0"]]
+    mined = []
+    for legacy in (False, True):
+        inputs = make_inputs(tmp_path / str(legacy), shards)
+        assert embeddings.load(inputs["embeddings"], "b", "s0")[2].shape == (0, 8)
+        if legacy:
+            embeddings.save(inputs["embeddings"], "b", "s0", np.array([], dtype=str), np.zeros(0, np.uint64), np.zeros((0, 0)))
+        assert embeddings.read_manifests(inputs["embeddings"]) == {}
+        rows, _ = run_mine(tmp_path / str(legacy), inputs, **MINED, **settings)
+        mined.append(rows)
+    assert mined[0] == mined[1] and any(s["space"] == "b" for r in mined[0] for s in r["spaces"])

@@ -81,14 +81,6 @@ class ImageTransform:
         )
 
     @property
-    def output_size(self) -> tuple[int, int]:
-        if self.crop:
-            return self.crop
-        if self.size:
-            return self.size
-        return (self.shortest_edge, self.shortest_edge)
-
-    @property
     def geometry(self) -> tuple:
         """What `resize_crop` depends on: models that share it share one resized batch."""
         return (self.shortest_edge, self.size, self.crop, self.bicubic)
@@ -188,6 +180,11 @@ class ImageEncoder:
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         return self.embed(preprocess({"": self}, images)[""])
 
+    @functools.cached_property
+    def dim(self) -> int:
+        """Width of the vectors, as the model gives them (one forward of a blank image, once)."""
+        return int(self([torch.zeros(3, 16, 16, dtype=torch.uint8)]).shape[-1])
+
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """A preprocessed batch -> L2-normalised float32 features, on the model's device."""
@@ -224,6 +221,11 @@ class TextEncoder:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return self.embed(self.tokenize(texts))
+
+    @functools.cached_property
+    def dim(self) -> int:
+        """Width of the vectors, as the model gives them (one forward of a one-word text, once)."""
+        return int(self(["a"]).shape[-1])
 
     @torch.inference_mode()
     def embed(self, batch) -> torch.Tensor:
