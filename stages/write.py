@@ -13,9 +13,12 @@ Keys, shard names and bytes depend only on the data and the settings.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -24,9 +27,10 @@ from pydantic import Field
 from stages import annotations, catalog, embeddings
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
 
-PARTS = ".index-parts"
+PARTS = ".index-parts"  # per annotations unit: the index rows it wrote; per image shard: the ids it could not write
 INDEX_FIELDS = ("q_img", "q_text", "t_img", "hns")
 IMAGES = "images"
+JPEG_CACHE_BYTES = 512 << 20  # per triplets unit: encoded JPEGs kept for reuse (a query recurs in its pairs)
 
 
 class WriteSettings(StageSettings):
@@ -37,13 +41,38 @@ class WriteSettings(StageSettings):
     cpus: float = Field(1.0, gt=0)
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9-]+(/[A-Za-z0-9_-]+)?")  # "{shard}/{key}" (or a bare name) kept as is, "/" -> "_"
+_HASHED_TAIL = re.compile(r"_[0-9a-f]{16}$")
+
+
 def image_key(image_id: str) -> str:
-    """A catalog id as a tar member stem: no dots or slashes (WebDataset splits keys on them)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", image_id)
+    """A catalog id as a tar member stem: no dots or slashes (WebDataset splits keys on them); one-to-one.
+
+    A plain id, `{shard}/{key}` with a shard of [A-Za-z0-9-] and a key of [A-Za-z0-9_-] (or a bare
+    [A-Za-z0-9-] name), keeps its characters with "/" as "_": the first "_" is the separator, so these
+    never collide. Any other id is sanitised ([^A-Za-z0-9_-] -> "_") and gets "_" + 16 hex digits of
+    blake2b of the id; a plain id that would end like that is hashed too, so the two forms never meet."""
+    if _PLAIN_ID.fullmatch(image_id):
+        key = image_id.replace("/", "_")
+        if not _HASHED_TAIL.search(key):
+            return key
+    digest = hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', image_id)}_{digest}"
 
 
 def image_path(image_id: str) -> str:
     return f"{IMAGES}/{image_key(image_id)}.jpg"
+
+
+def encode_jpeg(img: Image.Image, side: int, quality: int) -> bytes:
+    """The JPEG every written image is: RGB, longer side scaled to `side` (bicubic), at `quality`."""
+    img = img.convert("RGB")
+    scale = side / max(img.size)
+    if scale != 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 class ShardedTarWriter:
@@ -80,7 +109,7 @@ class ShardedTarWriter:
 
 class WriteStage(Stage):
     name = "write"
-    version = "2"  # index.jsonl in the released field order
+    version = "3"  # one-to-one image keys; index.jsonl drops hard negatives whose image was not written
     Settings = WriteSettings
     settings: WriteSettings
 
@@ -89,22 +118,26 @@ class WriteStage(Stage):
 
     def plan(self) -> list[list[Unit]]:
         shard_units = [Unit(f"triplets-{u}", {"annotations": u}) for u in annotations.units(self.inputs["annotations"])]
-        ids = sorted({i for part in self._parts() for row in part for i in row["images"]}, key=image_key)
+        ids = sorted({i for row in self._parts() for i in row["images"]}, key=image_key)
         per = self.settings.maxcount
         image_units = [Unit(f"images-{n:05d}", {"index": n, "ids": ids[s : s + per]}) for n, s in enumerate(range(0, len(ids), per))]
-        return [shard_units, image_units, [Unit("index")]]
+        return [shard_units, image_units, [Unit("index", {"image_shards": len(image_units)})]]
 
-    def _parts(self) -> list[list[dict]]:
-        parts = []
+    def _parts(self) -> Iterator[dict]:
+        """The index rows the triplets units wrote, in unit order, one at a time."""
         for u in annotations.units(self.inputs["annotations"]):
             p = self.output / PARTS / f"{u}.jsonl"
             if p.is_file():
-                parts.append([json.loads(line) for line in p.read_text().splitlines()])
-        return parts
+                with open(p) as f:
+                    for line in f:
+                        yield json.loads(line)
+
+    def _unwritten_file(self, n: int) -> Path:
+        return self.output / PARTS / f"{IMAGES}-{n:05d}.unwritten.json"
 
     def process(self, unit: Unit) -> Stats:
         if unit.id == "index":
-            return self._write_index()
+            return self._write_index(unit.payload.get("image_shards", 0))
         if "ids" in unit.payload:
             return self._write_images(unit.payload["index"], unit.payload["ids"])
         return self._write_triplets(unit.payload["annotations"])
@@ -119,16 +152,19 @@ class WriteStage(Stage):
         )
         writer = ShardedTarWriter(self.output, ann_unit, self.settings.maxcount, self.settings.maxsize)
         index_rows = []
+        jpegs = _JpegCache(JPEG_CACHE_BYTES)  # id -> JPEG bytes: each image encoded once in this unit
         for r in rows:
             q, t = meta.get(r["query_id"]), meta.get(r["target_id"])
             negatives = [h for h in r["hard_negatives"] if h["id"] in meta]
             try:
                 if q is None or t is None:
                     raise OSError("image missing from catalog")
-                q_jpg, t_jpg = self._jpeg(q), self._jpeg(t)
+                q_jpg, t_jpg = jpegs.get(q, self._jpeg), jpegs.get(t, self._jpeg)
             except OSError:
                 stats.reject("image_unreadable")
                 continue
+            if len(negatives) < len(r["hard_negatives"]):  # missing from the catalog: left out of the sample and the index
+                stats.counters["hard_negatives_dropped"] += len(r["hard_negatives"]) - len(negatives)
             writer.write(
                 {
                     "__key__": r["pair_id"],
@@ -184,6 +220,7 @@ class WriteStage(Stage):
         stats = Stats()  # input/output count triplets; images are counters
         folder = self.output / IMAGES
         folder.mkdir(parents=True, exist_ok=True)
+        unwritten = []
         with atomic_path(folder / f"{n:05d}.tar") as tmp:
             import webdataset as wds
 
@@ -193,31 +230,66 @@ class WriteStage(Stage):
                         data = self._jpeg(meta[i])
                     except (KeyError, OSError):
                         stats.counters["images_unreadable"] += 1
+                        unwritten.append(i)
                         continue
                     tar.write({"__key__": image_key(i), "jpg": data})
                     stats.counters["images"] += 1
+        (self.output / PARTS).mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._unwritten_file(n)) as tmp:  # what the index must not point at
+            tmp.write_text(json.dumps(unwritten) + "\n")
         return stats
 
-    def _write_index(self) -> Stats:
+    def _write_index(self, image_shards: int) -> Stats:
         stats = Stats()
+        unwritten: set[str] = set()
+        for n in range(image_shards):
+            unwritten.update(json.loads(self._unwritten_file(n).read_text()))
         with atomic_path(self.output / "index.jsonl") as tmp, open(tmp, "w") as f:
-            for part in self._parts():
-                for row in part:
-                    released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
-                    f.write(json.dumps(released, ensure_ascii=False) + "\n")
-                    stats.counters["index_rows"] += 1
+            for row in self._parts():
+                released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
+                if unwritten:
+                    released["hns"] = self._written_hns(row, unwritten, stats)
+                f.write(json.dumps(released, ensure_ascii=False) + "\n")
+                stats.counters["index_rows"] += 1
         return stats
+
+    @staticmethod
+    def _written_hns(row: dict, unwritten: set[str], stats: Stats) -> list[str]:
+        """`hns` without the images the image shards lack. hns[0] is the query (images[0]); hns[1:] are images[2:]."""
+        images = row["images"]
+        hns_ids = [images[0], *images[2:]]
+        hns = row["index"]["hns"]
+        assert len(hns_ids) == len(hns), "index part out of step: hns and images differ"
+        kept = [p for p, i in zip(hns, hns_ids) if i not in unwritten]
+        if len(kept) < len(hns):
+            stats.counters["hard_negatives_dropped"] += len(hns) - len(kept)
+        return kept
 
     def _jpeg(self, row: dict) -> bytes:
         ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
         with Image.open(io.BytesIO(catalog.read_image_bytes(ref))) as img:
-            img = img.convert("RGB")
-            scale = self.settings.image_side / max(img.size)
-            if scale != 1:
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=self.settings.jpeg_quality)
-        return buf.getvalue()
+            return encode_jpeg(img, self.settings.image_side, self.settings.jpeg_quality)
+
+
+class _JpegCache:
+    """Encoded JPEGs by catalog id, least recently used dropped past `max_bytes` (a unit's rows group by query)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, row: dict, encode) -> bytes:
+        key = row["id"]
+        data = self._data.get(key)
+        if data is not None:
+            self._data.move_to_end(key)
+            return data
+        data = encode(row)
+        self._data[key] = data
+        self.size += len(data)
+        while self.size > self.max_bytes and len(self._data) > 1:
+            self.size -= len(self._data.popitem(last=False)[1])
+        return data
 
 
 def _json_bytes(obj) -> bytes:

@@ -84,9 +84,9 @@ def test_a_measured_result_file_is_preferred(tmp_path):
         {"decoder": "pil", "threads": 1, "images_per_s": 200.0},
     ]}
     mine = {"results": [  # bench/mine.py's rows; an IVF row's "effective" rate must not stand for exact search
-        {"kind": "knn", "backend": "faiss", "index": "Flat", "effective_tflops": 100.0},
-        {"kind": "knn", "backend": "torch-exact", "index": "Flat", "base": "streamed from host", "effective_tflops": 300.0},
-        {"kind": "knn", "backend": "faiss", "index": "IVF4096,Flat", "effective_tflops": 900.0},
+        {"kind": "knn", "backend": "faiss", "index": "Flat", "tflops_effective": 100.0},
+        {"kind": "knn", "backend": "torch-exact", "index": "Flat", "base": "streamed from host", "tflops_effective": 300.0},
+        {"kind": "knn", "backend": "faiss", "index": "IVF4096,Flat", "tflops_effective": 900.0},
     ]}
     (results / "embed-h200.json").write_text(json.dumps(embed))
     (results / "mine-h200.json").write_text(json.dumps(mine))
@@ -102,7 +102,7 @@ def test_a_measured_result_file_is_preferred(tmp_path):
     assert knn["value"] == pytest.approx(2 * 1e6 * 1e6 * 768 / 100e12 / 3600) and "mine-h200.json" in knn["source"]  # 4.5M queries capped at 1M images
 
     fig, caveat = knn_rate(("mine-h200.json", mine), "torch-exact", "h200")
-    assert fig.value == 300.0 and "results[1].effective_tflops" in fig.source and not caveat
+    assert fig.value == 300.0 and "results[1].tflops_effective" in fig.source and not caveat
 
 
 def test_written_jpeg_size_comes_from_the_demo_output_when_there(tmp_path):
@@ -113,9 +113,16 @@ def test_written_jpeg_size_comes_from_the_demo_output_when_there(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = size
             tar.addfile(info, io.BytesIO(b"x" * size))
-    plan = estimate(load_config(MEGAPAIRS), 1_000_000, tmp_path / "none", demo_triplets=demo)
+    config = load_config(MEGAPAIRS)
+    (tmp_path / "config.yaml").write_text(f"write: {{image_side: {config.write.image_side}, jpeg_quality: {config.write.jpeg_quality}}}\n")
+    plan = estimate(config, 1_000_000, tmp_path / "none", demo_triplets=demo)
     (write,) = [e for e in plan["estimates"] if e["stage"] == "write"]
     assert str(demo) in write["source"] and write["value"] == pytest.approx((2 * 2_000_000 + 1_000_000) * 2000)
+
+    # JPEGs written at another size say nothing about this config's: measured afresh instead
+    plan = estimate(load_config(MEGAPAIRS, ["write.image_side=256"]), 1_000_000, tmp_path / "none", demo_triplets=demo)
+    (write,) = [e for e in plan["estimates"] if e["stage"] == "write"]
+    assert str(demo) not in write["source"] and write["source"].startswith("measured now")
 
 
 def test_plan_command_prints_text_or_json(tmp_path):
@@ -140,10 +147,9 @@ def test_a_measured_describer_shape_is_preferred_to_design(tmp_path):
     config = load_config(MEGAPAIRS, ["mine.backend=faiss", "mine.device=auto"])
     e = by_what(estimate(config, 1_000_000, results, demo_triplets=tmp_path / "no-demo"))
     (describe,) = [v for k, v in e.items() if k.startswith("annotate: describe (")]
-    batch = config.annotate.describer.batch_size
-    expected = 80.0 if abs(batch - 256) < abs(batch - 64) else 50.0
+    assert config.annotate.describer.batch_size == 64  # configs/megapairs.yaml: the batch-64 row is the nearest
     pairs = e["annotate: pairs to annotate"]["value"]
-    assert describe["value"] == pytest.approx(pairs / expected / 3600)
+    assert describe["value"] == pytest.approx(pairs / 50.0 / 3600)
     assert "annotate-h200.json" in describe["source"] and "Qwen2-VL-2B shape" in describe["caveat"]
     (instruct,) = [v for k, v in e.items() if k.startswith("annotate: instruct (")]  # no instructor measured: DESIGN's figure
     assert instruct["source"].startswith(DESIGN)
