@@ -7,11 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.rundir import STAGE_NAMES, Ledger
+from pipeline.rundir import Ledger
 
 def status(run_dir: Path) -> dict:
-    ledger = Ledger(Path(run_dir))
-    return {"stages": {name: ledger.summary(name) for name in STAGE_NAMES}}
+    return {"stages": Ledger(Path(run_dir)).summary_chain()}
 
 
 def status_table(st: dict):
@@ -23,7 +22,7 @@ def status_table(st: dict):
     for name, s in st["stages"].items():
         rejected = "\n".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "-"
         table.add_row(
-            name, "yes" if s["done"] else "no", f"{s['units']['done']}/{s['units']['total']}", str(s["input"]),
+            name, "yes" if s["done"] else ("stale" if s.get("stale") else "no"), f"{s['units']['done']}/{s['units']['total']}", str(s["input"]),
             str(s["output"]), rejected, f"{s['seconds']:.1f}",
         )
     return table

@@ -56,8 +56,11 @@ class Ledger:
         p = self.stage_dir(stage) / "stage.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def begin_stage(self, stage: str, fp: str, output: Path, waves: list[list[Unit]], settings: dict) -> None:
-        """Record the plan; if the fingerprint changed, drop the stage's old outputs and records first."""
+    def begin_stage(self, stage: str, fp: str, output: Path, waves: list[list[Unit]], settings: dict, upstream: str | None = None) -> None:
+        """Record the plan; if the fingerprint changed, drop the stage's old outputs and records first.
+
+        `upstream` is the fingerprint of the stage this one reads: when that stage is later redone
+        under other settings, this one is stale until it runs again (see `summary_chain`)."""
         rec = self.stage_record(stage)
         if rec is not None and rec.get("fingerprint") != fp:
             shutil.rmtree(output, ignore_errors=True)
@@ -65,6 +68,7 @@ class Ledger:
         remove_stale_tmp(output)
         new = {
             "fingerprint": fp,
+            "upstream": upstream,
             "settings": settings,
             "units": [u.id for wave in waves for u in wave],
             "started": (rec or {}).get("started") if rec and rec.get("fingerprint") == fp else time.time(),
@@ -124,6 +128,23 @@ class Ledger:
             "seconds": round(sum(r["seconds"] for r in records), 3),
             "units": {"done": len(records), "total": planned},
         }
+
+    def summary_chain(self) -> dict[str, dict]:
+        """Every stage's summary in pipeline order. A stage whose upstream stage was redone under other
+        settings since it ran, or is not done, is `stale`: not done until it runs again."""
+        out: dict[str, dict] = {}
+        upstream: tuple[dict | None, bool] | None = None  # the previous stage's record and whether it is done
+        for name in STAGE_NAMES:
+            s, rec = self.summary(name), self.stage_record(name)
+            s["stale"] = False
+            if upstream is not None and rec is not None:
+                prev, prev_done = upstream
+                redone = prev is None or ("upstream" in rec and rec["upstream"] != prev["fingerprint"])
+                s["stale"] = not prev_done or redone
+                s["done"] = s["done"] and not s["stale"]
+            out[name] = s
+            upstream = (rec, s["done"])
+        return out
 
     @staticmethod
     def _write(path: Path, payload: dict) -> None:

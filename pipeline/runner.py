@@ -92,9 +92,9 @@ def run(cfg: RunConfig, out: Path, only: str | None = None, progress: bool = Tru
         executor = make_executor(ex.kind, **({} if ex.kind == "local" else dict(address=ex.ray_address, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, actors=ex.actors)))
         try:
             t0 = time.time()
-            for spec, stage in zip(all_specs, stages):
+            for i, (spec, stage) in enumerate(zip(all_specs, stages)):
                 if spec in selected:
-                    _run_stage(spec, stage, ledger, executor, progress)
+                    _run_stage(spec, stage, ledger, executor, progress, upstream=all_specs[i - 1].fingerprint if i else None)
             summary = report.status(out)["stages"]
             if summary["write"]["done"]:
                 report.write_card(out)
@@ -104,9 +104,9 @@ def run(cfg: RunConfig, out: Path, only: str | None = None, progress: bool = Tru
             executor.close()
 
 
-def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress: bool) -> None:
+def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress: bool, upstream: str | None) -> None:
     waves = stage.plan()
-    ledger.begin_stage(spec.name, spec.fingerprint, spec.output, waves, spec.settings.model_dump(mode="json"))
+    ledger.begin_stage(spec.name, spec.fingerprint, spec.output, waves, spec.settings.model_dump(mode="json"), upstream)
     with tqdm(total=sum(map(len, waves)), desc=f"{spec.name:>8}", unit="unit", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(len(waves)):
             if i > 0:  # later waves are planned from the outputs of earlier ones
@@ -131,9 +131,10 @@ def _run_stage(spec: StageSpec, stage: Stage, ledger: Ledger, executor, progress
 def _check_upstream_done(ledger: Ledger, all_specs: list[StageSpec], only: str) -> None:
     if only not in STAGE_NAMES:
         raise StageOrderError(f"unknown stage {only!r}; stages: {', '.join(STAGE_NAMES)}")
+    chain = ledger.summary_chain()
     for spec in all_specs:
         if spec.name == only:
             return
         rec = ledger.stage_record(spec.name)
-        if rec is None or rec["fingerprint"] != spec.fingerprint or not ledger.summary(spec.name)["done"]:
+        if rec is None or rec["fingerprint"] != spec.fingerprint or not chain[spec.name]["done"]:
             raise StageOrderError(f"stage {only} needs {spec.name} done with the current settings first: run `megasynth run` with --stage {spec.name} (or without --stage)")

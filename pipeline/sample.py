@@ -39,12 +39,21 @@ def sample_page(run_dir: Path, n: int = 20, seed: int = 0, out: Path | None = No
     shards = sorted(str(p) for p in (Path(run_dir) / "triplets").glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no triplet shards under {Path(run_dir) / 'triplets'}: has the write stage run?")
-    samples = list(wds.WebDataset(shards, shardshuffle=False))
-    chosen = random.Random(seed).sample(samples, min(n, len(samples)))
-    rows = [_row(s) for s in chosen]
+    rows = [_row(s) for s in _reservoir(wds.WebDataset(shards, shardshuffle=False), n, random.Random(seed))]
     out = Path(out) if out else Path(run_dir) / "sample.html"
     out.write_text(PAGE.format(title=html.escape(str(run_dir)), count=len(rows), seed=seed, rows="\n".join(rows)))
     return out
+
+
+def _reservoir(samples, n: int, rng: random.Random) -> list:
+    """n samples drawn uniformly in one pass, holding only n in memory (Algorithm R)."""
+    chosen: list = []
+    for i, sample in enumerate(samples):
+        if i < n:
+            chosen.append(sample)
+        elif (j := rng.randrange(i + 1)) < n:
+            chosen[j] = sample
+    return chosen
 
 
 def _row(s: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -74,7 +75,7 @@ def test_local_run_produces_readable_triplets(local_run):
     assert len(index) == len(samples)
     assert all(set(r) == {"q_img", "q_text", "t_img", "hns"} and r["hns"][0] == r["q_img"] for r in index)
     card = (local_run / "triplets" / "README.md")
-    assert not card.exists() or "megasynth triplets" in card.read_text()
+    assert card.exists() and "megasynth triplets" in card.read_text()
 
 
 def test_ray_executor_gives_the_same_bytes(local_run, pipeline_config, tmp_path):
@@ -98,6 +99,20 @@ def test_rerun_does_no_work_and_a_changed_setting_redoes_only_downstream(local_r
         assert all(after[stage][u] != before[stage].get(u) for u in after[stage]), stage
     sample = json.loads((run / "triplets" / "index.jsonl").read_text().splitlines()[0])
     assert len(sample["hns"]) <= 3
+
+
+def test_redoing_an_upstream_stage_alone_leaves_the_stages_after_it_stale(local_run, pipeline_config, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    card = (run / "triplets" / "README.md").read_text()
+    summary = runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="ingest", progress=False)
+    assert summary["ingest"]["done"] and not summary["ingest"]["stale"]
+    assert all(summary[s]["stale"] and not summary[s]["done"] for s in ("embed", "mine", "annotate", "write"))
+    assert (run / "triplets" / "README.md").read_text() == card  # the card still describes the triplets that exist
+    status = cli("status", str(run))
+    assert status.returncode == 0 and "stale" in status.stdout + status.stderr
+    with pytest.raises(runner.StageOrderError, match="needs embed done"):
+        runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="mine", progress=False)
 
 
 def test_killed_run_resumes_to_the_same_bytes(local_run, pipeline_config, tmp_path):
@@ -182,3 +197,13 @@ def test_sample_page_shows_random_triplets(local_run, tmp_path):
     page = (tmp_path / "s.html").read_text()
     assert page.count('<div class="t">') == 3 and page.count("data:image/jpeg;base64,") == 6
     assert page.count("<li>") == 9
+
+
+def test_sample_draws_uniformly_in_one_pass():
+    from collections import Counter
+
+    from pipeline.sample import _reservoir
+
+    counts = Counter(x for seed in range(3000) for x in _reservoir(iter(range(100)), 5, random.Random(seed)))
+    assert sum(counts.values()) == 3000 * 5 and len(_reservoir(iter(range(3)), 5, random.Random(0))) == 3
+    assert min(counts.values()) > 0.6 * 150 and max(counts.values()) < 1.4 * 150  # each of 100 items expected 150 times
