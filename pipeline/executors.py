@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipeline.rundir import Ledger
-from stages.base import Stage, StageSettings, Unit
+from stages.base import Stage, StageError, StageSettings, Unit
 
 log = logging.getLogger("megasynth")
 
@@ -43,6 +44,13 @@ class UnitFailed(RuntimeError):
     pass
 
 
+def unit_failed(spec: StageSpec, unit: Unit, cause: BaseException, detail: str) -> UnitFailed:
+    """The error that stops the run; a cause that is not a StageError is a bug, logged with its traceback."""
+    if not isinstance(cause, (StageError, ValueError, OSError)):
+        log.error("%s unit %s failed:\n%s", spec.name, unit.id, detail)
+    return UnitFailed(f"{spec.name} unit {unit.id} failed: {type(cause).__name__}: {cause}")
+
+
 def run_unit(stage: Stage, spec: StageSpec, unit: Unit) -> dict:
     t0 = time.perf_counter()
     stats = stage.process(unit)
@@ -68,7 +76,7 @@ class LocalExecutor:
             try:
                 done(run_unit(stage, spec, unit))
             except Exception as e:
-                raise UnitFailed(f"{spec.name} unit {unit.id} failed: {type(e).__name__}: {e}") from e
+                raise unit_failed(spec, unit, e, traceback.format_exc()) from e
 
     def close(self) -> None:
         self._stages.clear()
@@ -148,7 +156,7 @@ class RayExecutor:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None) or e
-            raise UnitFailed(f"{spec.name} unit {unit.id} failed: {type(cause).__name__}: {cause}") from e
+            raise unit_failed(spec, unit, cause, str(e)) from e  # a RayTaskError's text holds the remote traceback
 
     def _fit(self, opts: dict) -> int:
         total = self.ray.cluster_resources()

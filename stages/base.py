@@ -20,6 +20,10 @@ from typing import Any, ClassVar, Iterator
 from pydantic import BaseModel, ConfigDict
 
 
+class StageError(RuntimeError):
+    """A unit failure a user can act on (a server that gave up, an unreadable input): one line, no traceback."""
+
+
 class StageSettings(BaseModel):
     """Base of every stage's typed settings: unknown keys are errors, not silently ignored."""
 
