@@ -5,13 +5,16 @@ captions and writes about WORD_NUM words (drawn per request from 60..100) on wha
 share and how the target differs; the instructor turns that description into
 `instructions_per_pair` instructions, prompted with demonstrations drawn per request from
 the pool. Every answer is validated; a failing one is retried with a fresh seed, then the
-pair is rejected with the reason.
+pair is rejected with the reason. A pair whose image cannot be read or decoded is rejected
+as `image_unreadable`. Pairs go through in chunks (`describe_chunk`), each described then
+instructed before the next, so the answer cache holds every finished chunk's work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import random
 from pathlib import Path
 from typing import Literal
@@ -21,11 +24,16 @@ from pydantic import Field, field_validator
 
 from stages import annotations, catalog, pairs
 from stages.annotation import prompts
-from stages.annotation.backends import ChatRequest, Failed, GeneratorSettings, TransformersSettings, gpus_needed, make_generator
+from stages.annotation.backends import ChatRequest, Failed, GeneratorSettings, TransformersSettings, api_key, gpus_needed, make_generator
 from stages.annotation.cache import AnswerCache, request_key
 from stages.annotation.validate import Bounds, Invalid, check_description, parse_instructions
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
 from stages.models.encoders import check_model_path
+
+log = logging.getLogger("megasynth.annotate")
+
+# What reading or decoding one catalogued image can raise (PIL.UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class AnnotateSettings(StageSettings):
@@ -71,8 +79,6 @@ class AnnotateStage(Stage):
         return Resources(cpus=s.cpus, gpus=gpus)
 
     def check(self) -> None:
-        from stages.annotation.backends import api_key
-
         for step in ("describer", "instructor"):
             g = getattr(self.settings, step)
             if g.backend == "openai":
@@ -119,9 +125,12 @@ class AnnotateStage(Stage):
             if r["query_id"] not in meta or r["target_id"] not in meta:
                 self._reject(r, "image_not_in_catalog")
         todo = [r for r in rows if r["status"] == annotations.OK]
-        for i in range(0, len(todo), s.describe_chunk):  # decoded images are held for one chunk only
-            self._describe(todo[i : i + s.describe_chunk], meta, {})
-        self._instruct([r for r in rows if r["status"] == annotations.OK], meta)
+        # Describe, then instruct, one chunk at a time: decoded images are held for one chunk only, and
+        # a chunk's answers reach the cache before the next chunk starts (a late failure loses one chunk).
+        for i in range(0, len(todo), s.describe_chunk):
+            chunk = todo[i : i + s.describe_chunk]
+            self._describe(chunk, meta)
+            self._instruct([r for r in chunk if r["status"] == annotations.OK], meta)
         for r in rows:
             if r["status"] == annotations.OK:
                 stats.output += 1
@@ -131,17 +140,20 @@ class AnnotateStage(Stage):
             annotations.write(tmp, rows)
         return stats
 
-    def _describe(self, rows: list[dict], meta: dict, images: dict) -> None:
+    def _describe(self, rows: list[dict], meta: dict) -> None:
+        """Loads the rows' images first (a pair with an unreadable image is rejected), then describes the rest."""
         s = self.settings
         template = prompts.load_prompt(s.describe_prompt)
         bounds = Bounds(*s.description_words)
+        images = self._load_images(rows, meta)
+        rows = [r for r in rows if r["status"] == annotations.OK]
 
         def request(r: dict, attempt: int) -> ChatRequest:
             seed = request_seed(s.seed, r["pair_id"], "describe", attempt)
             r["word_num"] = prompts.draw_word_num(random.Random(seed))
             q, t = meta[r["query_id"]], meta[r["target_id"]]
             text = prompts.describe_text(template, _caption(q, s.caption_field), _caption(t, s.caption_field), r["word_num"])
-            return ChatRequest(text, (self._image(q, images), self._image(t, images)), seed)
+            return ChatRequest(text, (images[q["id"]], images[t["id"]]), seed)
 
         def accept(r: dict, answer: str) -> None:
             r["description"] = check_description(answer, bounds)
@@ -204,15 +216,28 @@ class AnnotateStage(Stage):
     def _reject(r: dict, reason: str) -> None:
         r["status"], r["error"] = annotations.REJECTED, reason
 
-    def _image(self, row: dict, cache: dict) -> Image.Image:
-        if row["id"] not in cache:
-            ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
-            data = catalog.read_image_bytes(ref)
-            img = Image.open(io.BytesIO(data)).convert("RGB")
-            img.thumbnail((self.settings.image_side, self.settings.image_side), Image.Resampling.BICUBIC)
-            img.info["megasynth_digest"] = f"{hashlib.sha256(data).hexdigest()}:{self.settings.image_side}"  # the cache key's image part
-            cache[row["id"]] = img
-        return cache[row["id"]]
+    def _load_images(self, rows: list[dict], meta: dict) -> dict[str, Image.Image]:
+        """The decoded images of `rows` by id; a pair whose query or target cannot be read or decoded is rejected."""
+        images: dict[str, Image.Image | None] = {}
+        for r in rows:
+            for image_id in (r["query_id"], r["target_id"]):
+                if image_id not in images:
+                    try:
+                        images[image_id] = self._image(meta[image_id])
+                    except IMAGE_ERRORS as e:  # the catalog said it decoded: a changed or damaged source is the likely cause
+                        log.warning("annotate: cannot read image %s: %s: %s", image_id, type(e).__name__, e)
+                        images[image_id] = None
+            if images[r["query_id"]] is None or images[r["target_id"]] is None:
+                self._reject(r, "image_unreadable")
+        return {k: v for k, v in images.items() if v is not None}
+
+    def _image(self, row: dict) -> Image.Image:
+        ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
+        data = catalog.read_image_bytes(ref)
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img.thumbnail((self.settings.image_side, self.settings.image_side), Image.Resampling.BICUBIC)
+        img.info["megasynth_digest"] = f"{hashlib.sha256(data).hexdigest()}:{self.settings.image_side}"  # the cache key's image part
+        return img
 
 
 def _caption(row: dict, preferred: str) -> str:

@@ -39,6 +39,7 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: int = 0
     peak_in_flight: int = 0
+    budget: dict = field(default_factory=dict)  # served name -> answers left before it only answers 503 (a backend gone)
 
 
 def load_generators(models: dict[str, tuple[str, bool]], temperature: float = 0.7) -> dict:
@@ -113,6 +114,13 @@ def make_handler(state: ServerState):
             model = state.models.get(payload.get("model"))
             if model is None:
                 return self._send(404, json.dumps({"error": f"no model {payload.get('model')}"}).encode())
+            with state.lock:
+                left = state.budget.get(payload["model"])
+                if left is not None:
+                    state.budget[payload["model"]] = left - 1
+            if left is not None and left <= 0:
+                state.log.append((time.time(), 503, seed, payload.get("model")))
+                return self._send(503, b'{"error": {"message": "gone"}}')
             if fault is not None and fault.kind == "refuse":
                 text = REFUSAL
             else:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import itertools
+import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +14,9 @@ import torch
 
 from stages import annotations, catalog, pairs
 from stages.annotate import AnnotateSettings, AnnotateStage
-from stages.annotation.backends import ChatRequest, PerRequestSampler, TransformersSettings, make_generator
+from stages.annotation.backends import (
+    BackendError, ChatRequest, OpenAISettings, PerRequestSampler, TransformersSettings, VLLMSettings, make_generator,
+)  # fmt: skip
 from stages.annotation.cache import AnswerCache, request_key
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
 
@@ -89,6 +94,7 @@ def annotate(tmp, models, out, **kw) -> tuple:
 def test_every_pair_is_kept_or_rejected_with_a_reason(pair_inputs, text_models):
     stats, rows = annotate(pair_inputs, text_models, "a1", retries=1)
     assert stats.input == 9 == len(rows) == stats.output + sum(stats.rejected.values())
+    assert stats.output > 0  # else the checks of kept pairs below check nothing
     assert stats.rejected["image_not_in_catalog"] == 1
     for r in rows:
         if r["status"] == "ok":
@@ -131,3 +137,86 @@ def test_vllm_backend_answers_by_seed(text_models):
     reqs = [ChatRequest("Description: the query image and the target image show cats.\nInstructions:", (), seed=s) for s in (1, 2, 1)]
     answers = gen.generate(reqs)
     assert answers[0] == answers[2] and all(isinstance(a, str) for a in answers)
+
+
+# --- the stage's flow: unreadable images, a backend lost mid-unit, what the answer cache keys on ---
+
+
+def broken_copy(pair_inputs, tmp_path) -> set[str]:
+    """The pair inputs with three images unreadable now (garbage, a short read, truncated bytes); their pair ids."""
+    shutil.copytree(pair_inputs / "catalog", tmp_path / "catalog")
+    shutil.copytree(pair_inputs / "pairs", tmp_path / "pairs")
+    cat = catalog.read(tmp_path / "catalog", "00000", ok_only=False).to_pylist()
+    ids = catalog.read(tmp_path / "catalog", "00000", columns=["id"])["id"].to_pylist()
+    by_id = {r["id"]: r for r in cat}
+    garbage, short, truncated = by_id[ids[1]], by_id[ids[2]], by_id[ids[5]]  # pair 0's target, pair 1's query, pair 2's target
+    garbage["offset"] = 0  # a tar header where the image was
+    short["offset"] = os.path.getsize(short["path"])  # past the end of the file
+    truncated["size"] //= 2
+    catalog.write(catalog.catalog_file(tmp_path / "catalog", "00000"), cat)
+    return {pairs.pair_id(ids[0], ids[1]), pairs.pair_id(ids[2], ids[3]), pairs.pair_id(ids[4], ids[5])}
+
+
+def test_an_unreadable_image_rejects_its_pairs_and_the_unit_goes_on(pair_inputs, text_models, tmp_path):
+    unreadable = broken_copy(pair_inputs, tmp_path)
+    stats, rows = annotate(tmp_path, text_models, "out", retries=1, describe_chunk=2)
+    assert stats.input == 9 == len(rows) == stats.output + sum(stats.rejected.values())
+    assert stats.rejected["image_unreadable"] == 3 and stats.rejected["image_not_in_catalog"] == 1 and stats.output > 0
+    for r in rows:
+        if r["pair_id"] in unreadable:  # never sent to the describer
+            assert r["status"] == "rejected" and r["error"] == "image_unreadable" and r["describe_attempts"] == 0
+        else:
+            assert r["error"] != "image_unreadable"
+
+
+def test_a_backend_lost_mid_unit_costs_at_most_the_chunk_in_flight(pair_inputs, text_models, tmp_path, monkeypatch):
+    """Chunks are described then instructed in turn, each cached as it ends: the rerun asks only for the rest."""
+    from openai_server import OpenAIServer, load_generators
+
+    served = load_generators({"describer": (str(text_models["describer"]), True), "instructor": (str(text_models["instructor"]), False)})
+    common = {"backend": "openai", "max_concurrency": 1, "max_retries": 1, "backoff_s": 0.0, "timeout_s": 60}
+
+    def run(srv, out: str):
+        settings = AnnotateSettings(describer={**common, "base_url": srv.base_url, "model": "describer", "max_new_tokens": 120},
+                                    instructor={**common, "base_url": srv.base_url, "model": "instructor", "max_new_tokens": 100},
+                                    seed=0, retries=1, describe_chunk=3)  # fmt: skip
+        stage = AnnotateStage(settings, {"catalog": pair_inputs / "catalog", "pairs": pair_inputs / "pairs", "cache": tmp_path / f"cache-{out}"}, tmp_path / out)
+        stage.setup()
+        return stage.process(stage.plan()[0][0]), annotations.read(tmp_path / out, "queries-00000", ok_only=False)
+
+    with OpenAIServer(served) as srv:  # one server throughout: its address is part of the cache key
+        _, whole = run(srv, "whole")
+        asked = [m for _, status, _, m in srv.state.log if status == 200]
+        blocks = [len(list(g)) for _, g in itertools.groupby(asked)]  # describe, instruct, describe, instruct, ... a pair per chunk
+        assert len(blocks) >= 4 and asked[0] == "describer"
+
+        srv.state.budget["instructor"] = blocks[1]  # the instructor is gone after the first chunk's answers
+        with pytest.raises(BackendError):
+            run(srv, "chunked")
+        cached = AnswerCache(tmp_path / "cache-chunked" / "annotate.sqlite").db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        assert cached == blocks[0] + blocks[1] + blocks[2]  # two chunks described, the first instructed
+
+        srv.state.budget.clear()
+        srv.state.log.clear()
+        stats, rows = run(srv, "chunked")
+        assert sum(1 for e in srv.state.log if e[1] == 200) == len(asked) - cached
+    assert rows == whole and stats.output > 0
+
+
+def test_settings_that_change_answers_change_the_cache_key():
+    req = ChatRequest("Description: two cats.", (), seed=1)
+
+    def key(settings) -> str:
+        return request_key("instruct", settings.answer_fingerprint(), req)
+
+    t = TransformersSettings(model="m")
+    assert key(t) == key(t.model_copy(update={"batch_size": 3}))  # speed only: the same answers
+    for changed in ({"dtype": "float16"}, {"cache_implementation": "static"}, {"device": "cpu"}, {"temperature": 0.5}):
+        assert key(t.model_copy(update=changed)) != key(t), changed
+    o = OpenAISettings(backend="openai", model="m", base_url="http://a:8000/v1")
+    assert key(o) == key(o.model_copy(update={"base_url": "http://a:8000/v1/", "max_concurrency": 2, "timeout_s": 5.0}))
+    assert key(o.model_copy(update={"base_url": "http://b:8000/v1"})) != key(o)
+    assert key(o.model_copy(update={"image_quality": 70})) != key(o)
+    v = VLLMSettings(backend="vllm", model="m")
+    assert key(v) == key(v.model_copy(update={"gpu_memory_utilization": 0.9}))
+    assert key(v.model_copy(update={"dtype": "float16"})) != key(v) and key(v.model_copy(update={"tensor_parallel_size": 2})) != key(v)

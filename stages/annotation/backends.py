@@ -30,7 +30,7 @@ from typing import Annotated, Literal, Protocol, Union
 from PIL import Image
 from pydantic import Discriminator, Field, Tag
 
-from stages.base import StageSettings
+from stages.base import StageError, StageSettings
 
 log = logging.getLogger("megasynth.annotate")
 
@@ -52,7 +52,7 @@ class Failed:
 Answer = Union[str, Failed]
 
 
-class BackendError(RuntimeError):
+class BackendError(StageError):
     """The backend cannot work at all (unreachable after retries, key refused): the unit fails and a rerun resumes."""
 
 
@@ -69,7 +69,12 @@ class _Common(StageSettings):
     top_p: float = Field(0.9, gt=0, le=1)
 
     def answer_fingerprint(self) -> dict:
-        """What decides an answer besides the request and its seed: part of the cache key."""
+        """What decides an answer besides the request and its seed: part of the cache key.
+
+        Each backend adds its own settings that change answers, numerics included (dtype,
+        KV-cache kind, the server asked, the JPEG quality of the images it is sent); settings
+        that only change speed or robustness (batch size, concurrency, timeouts) stay out.
+        """
         return {"backend": self.backend, "model": self.model, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p}  # fmt: skip
 
@@ -80,6 +85,11 @@ class TransformersSettings(_Common):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_implementation: Literal["dynamic", "static"] = Field("dynamic", description="static: a fixed-size KV cache (helps with torch.compile on GPU)")
+
+    def answer_fingerprint(self) -> dict:
+        # device: CPU and GPU kernels differ in numerics; "auto" is kept as written, not resolved
+        return {**super().answer_fingerprint(), "dtype": self.dtype, "device": self.device,
+                "cache_implementation": self.cache_implementation}  # fmt: skip
 
 
 class OpenAISettings(_Common):
@@ -92,6 +102,10 @@ class OpenAISettings(_Common):
     backoff_s: float = Field(1.0, ge=0, description="first wait; doubles per retry unless the server sends Retry-After")
     image_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the images sent as data URLs")
 
+    def answer_fingerprint(self) -> dict:
+        # the same served model name on another server may be another model, precision or version
+        return {**super().answer_fingerprint(), "base_url": self.base_url.rstrip("/"), "image_quality": self.image_quality}
+
 
 class VLLMSettings(_Common):
     backend: Literal["vllm"]
@@ -100,6 +114,11 @@ class VLLMSettings(_Common):
     max_model_len: int | None = None
     dtype: str = "auto"
     image_quality: int = Field(90, ge=1, le=100)
+
+    def answer_fingerprint(self) -> dict:
+        # tensor parallelism changes the order of reductions, hence the numerics
+        return {**super().answer_fingerprint(), "dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                "image_quality": self.image_quality}  # fmt: skip
 
 
 def _backend_of(v) -> str:

@@ -1,6 +1,7 @@
 """A cache of raw generated answers, so a rerun or a second config sharing a step never pays twice.
 
-Key: what decides an answer — the step, the generator's model and sampling settings, the
+Key: what decides an answer — the step, the generator's `answer_fingerprint()` (model,
+sampling, and each backend's settings that change answers: dtype, server, ...), the
 rendered prompt (which folds in the pair's captions, WORD_NUM and demonstrations, and the
 prompt version), the image bytes, and the request's seed. Raw answers are cached, not
 validated ones, so a stricter validator re-judges them for free. SQLite in WAL mode lets
