@@ -8,6 +8,7 @@ settings and the folders it reads and writes, and decides where and how units ru
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from abc import ABC, abstractmethod
@@ -22,6 +23,25 @@ from pydantic import BaseModel, ConfigDict
 
 class StageError(RuntimeError):
     """A unit failure a user can act on (a server that gave up, an unreadable input): one line, no traceback."""
+
+
+class TransientError(OSError):
+    """An I/O failure that may pass (EIO, ESTALE, a shard briefly missing on one node).
+
+    The executor retries the unit; it is never recorded as a rejection inside a unit marked done.
+    """
+
+
+# errno values a shared filesystem or a flaky disk gives for trouble that can pass.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("EIO", "ESTALE", "ENOENT", "EAGAIN", "ETIMEDOUT", "EBUSY", "ENETDOWN", "ENETUNREACH",
+                                "ECONNRESET", "ECONNABORTED", "EHOSTDOWN", "EHOSTUNREACH", "EREMOTEIO") if hasattr(errno, n)
+)  # fmt: skip
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether an error should fail and retry its unit rather than reject an item."""
+    return isinstance(e, TransientError) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS)
 
 
 class StageSettings(BaseModel):
@@ -97,6 +117,9 @@ class Stage(ABC):
     #: True for stages that hold a model: executors run them on long-lived workers that call
     #: `setup` once, instead of one short task per unit.
     loads_model: ClassVar[bool] = False
+    #: How many workers run this stage at once; the executor sets it before `setup` (a budget such
+    #: as an endpoint's total concurrency is split between them).
+    worker_count: int = 1
 
     def __init__(self, settings: StageSettings, inputs: dict[str, Path], output: Path):
         self.settings = settings
