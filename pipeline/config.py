@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,8 @@ from stages.base import StageSettings
 from stages.embed import EmbedSettings
 from stages.ingest import CorpusSettings, IngestSettings
 from stages.mine import MineSettings
+from stages.models.encoders import looks_local
+from stages.search import SearchSettings
 from stages.write import WriteSettings
 
 
@@ -33,6 +36,11 @@ class IngestOptions(IngestSettings):
     corpus: None = Field(None, exclude=True)
 
 
+class MineOptions(SearchSettings, MineSettings):
+    """mine's settings as written in the config: one section for the two stages behind it, search (the
+    neighbour lists) and mine (the pairs chosen from them); each stage takes its own fields."""
+
+
 class ExecutorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,6 +49,10 @@ class ExecutorSettings(BaseModel):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded cluster (default: all)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded cluster (default: all)")
     actors: int | None = Field(None, gt=0, description="workers per model stage (default: as many as resources allow)")
+    unit_retries: int = Field(3, ge=0, description="retries of a unit after a transient I/O error (EIO, ESTALE, a file briefly missing)")
+    lost_retries: int = Field(5, ge=0, description="times a unit is run again after its worker, actor or node was lost")
+    placement_timeout_s: float = Field(300, gt=0, description="how long a stage may have no node able to host its workers before the run stops")
+    max_in_flight: int | None = Field(None, gt=0, description="tasks submitted at once (default: twice what the cluster runs at once)")
 
 
 class RunConfig(BaseModel):
@@ -50,7 +62,7 @@ class RunConfig(BaseModel):
     corpus: CorpusSettings = CorpusSettings()
     ingest: IngestOptions = IngestOptions()
     embed: EmbedSettings = EmbedSettings()
-    mine: MineSettings = MineSettings()
+    mine: MineOptions = MineOptions()
     annotate: AnnotateSettings = AnnotateSettings()
     write: WriteSettings = WriteSettings()
     executor: ExecutorSettings = ExecutorSettings()
@@ -59,16 +71,23 @@ class RunConfig(BaseModel):
         """The settings a stage runs with: its section, plus the corpus for ingest and the run seed where unset."""
         if name == "ingest":
             return IngestSettings(corpus=self.corpus, **self.ingest.model_dump(exclude={"corpus"}))
-        settings = getattr(self, name)
+        if name in ("search", "mine"):
+            cls = SearchSettings if name == "search" else MineSettings
+            settings = cls.model_validate(self.mine.model_dump(include=set(cls.model_fields)))
+        else:
+            settings = getattr(self, name)
         if "seed" in type(settings).model_fields and settings.seed is None:
             settings = settings.model_copy(update={"seed": self.seed})
         return settings
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), corpus: list[str] | None = None) -> RunConfig:
-    """Read YAML, apply `key=value` overrides and `--corpus`, validate. Raises ConfigError."""
+def load_config(path: str | Path | None, overrides: list[str] = (), corpus: list[str] | None = None, patch: dict | None = None) -> RunConfig:
+    """Read YAML, deep-merge `patch` (a sweep's variant), apply `key=value` overrides and `--corpus`, validate.
+    Raises ConfigError."""
     source = str(path) if path else "defaults"
-    data = _read_yaml(Path(path)) if path else {}
+    data = read_yaml(Path(path)) if path else {}
+    if patch:
+        data = merge(data, patch)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -80,12 +99,36 @@ def load_config(path: str | Path | None, overrides: list[str] = (), corpus: list
             raise ConfigError("corpus: must be a mapping with `paths`")
         data["corpus"]["paths"] = list(corpus)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"config error ({source}):\n" + "\n".join(_explain(err) for err in e.errors())) from None
+    return absolute_paths(cfg)
 
 
-def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+def absolute_paths(cfg: RunConfig, cwd: Path | None = None) -> RunConfig:
+    """Corpus paths and local model folders as absolute paths, resolved here on the driver: a cluster's
+    workers were started from other folders and must never resolve them against their own."""
+    cwd = Path(cwd or os.getcwd())
+
+    def local(path: str) -> str:
+        p = Path(path).expanduser()
+        return path if p.is_absolute() else str(cwd / p)
+
+    def model(name: str) -> str:
+        return local(name) if looks_local(name) or (cwd / name).exists() else name
+
+    spaces = {n: sp.model_copy(update={"model": model(sp.model)}) for n, sp in cfg.embed.spaces.items()}
+    ann = cfg.annotate
+    steps = {step: getattr(ann, step) for step in ("describer", "instructor")}
+    steps = {k: g if g.backend == "openai" else g.model_copy(update={"model": model(g.model)}) for k, g in steps.items()}
+    return cfg.model_copy(update={
+        "corpus": cfg.corpus.model_copy(update={"paths": [local(p) for p in cfg.corpus.paths]}),
+        "embed": cfg.embed.model_copy(update={"spaces": spaces}),
+        "annotate": ann.model_copy(update=steps),
+    })  # fmt: skip
+
+
+def read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file; `extends: other.yaml` (relative to this file) is read first and deep-merged under it."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -100,13 +143,14 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("extends", None)
     if base is None:
         return data
-    return _merge(_read_yaml(p.parent / base, (*seen, p.resolve())), data)
+    return merge(read_yaml(p.parent / base, (*seen, p.resolve())), data)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """`over` deep-merged onto `base`: mappings merge key by key, anything else replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -1,4 +1,4 @@
-"""mine: every backend, the similarity band at its edges, the union over spaces, duplicates, hard negatives."""
+"""search and mine: every backend, the similarity band at its edges, the union over spaces, duplicates, hard negatives."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from stages import catalog, embeddings, pairs
+from pipeline.config import MineOptions
+from stages import catalog, embeddings, neighbours, pairs
+from stages.base import Stats
 from stages.knn.exact import exact_search, unpack
 from stages.mine import MineSettings, MineStage
+from stages.search import SearchSettings, SearchStage
 
 
 def vec(first: float, d: int = 8, axis: int = 1) -> np.ndarray:
@@ -42,16 +45,33 @@ def make_inputs(tmp_path, shards: dict[str, list[tuple[str, str, dict[str, np.nd
     return {"catalog": cat, "embeddings": emb}
 
 
-def run_mine(tmp_path, inputs, **settings) -> tuple[list[dict], object]:
-    """Every wave of the stage, in order, as an executor runs it; returns the pairs and the query units' stats."""
+def split(**settings) -> tuple[SearchSettings, MineSettings]:
+    """`mine:` as written in a config, as the two stages behind it take it."""
     settings.setdefault("seed", 0)
-    stage = MineStage(MineSettings(**settings), inputs, tmp_path / "pairs")
-    total = None
+    opts = MineOptions(**settings)
+    return tuple(cls.model_validate(opts.model_dump(include=set(cls.model_fields))) for cls in (SearchSettings, MineSettings))
+
+
+def search_stage(tmp_path, inputs, **settings) -> SearchStage:
+    return SearchStage(split(**settings)[0], inputs, tmp_path / "neighbours")
+
+
+def run_search(tmp_path, inputs, **settings) -> SearchStage:
+    stage = search_stage(tmp_path, inputs, **settings)
     for wave in stage.plan():
         for unit in wave:
-            s = stage.process(unit)
-            if unit.id.startswith("queries-"):
-                total = s if total is None else total.__iadd__(s)
+            stage.process(unit)
+    return stage
+
+
+def run_mine(tmp_path, inputs, search: bool = True, **settings) -> tuple[list[dict], Stats]:
+    """Every wave of search (unless it has run), then mine, as an executor runs them; returns the pairs and mine's stats."""
+    if search:
+        run_search(tmp_path, inputs, **settings)
+    stage = MineStage(split(**settings)[1], {"catalog": inputs["catalog"], "neighbours": tmp_path / "neighbours"}, tmp_path / "pairs")
+    total = Stats()
+    for unit in stage.plan()[0]:
+        total += stage.process(unit)
     rows = [r for u in pairs.units(tmp_path / "pairs") for r in pairs.read(tmp_path / "pairs", u)]
     return sorted(rows, key=lambda r: r["pair_id"]), total
 
@@ -204,7 +224,7 @@ def test_approximate_index_pairs_carry_exact_scores(tmp_path, corpus_inputs, fla
 
 
 def test_index_is_a_first_wave_and_query_units_need_it(tmp_path, corpus_inputs):
-    stage = MineStage(MineSettings(seed=0, index="IVF4,Flat", search_params="nprobe=4", **MINED), corpus_inputs, tmp_path / "pairs")
+    stage = search_stage(tmp_path, corpus_inputs, index="IVF4,Flat", search_params="nprobe=4", **MINED)
     index_wave, query_wave = stage.plan()
     assert [u.id for u in index_wave] == ["index-a", "index-b"]
     assert all(u.id.startswith("queries-") for u in query_wave)
@@ -212,7 +232,7 @@ def test_index_is_a_first_wave_and_query_units_need_it(tmp_path, corpus_inputs):
         stage.process(query_wave[0])
     stats = stage.process(index_wave[0])
     assert stats.counters["indexed.a"] == 160 and stats.input == stats.output == 0
-    assert sorted(p.name for p in (tmp_path / "pairs" / "index").iterdir()) == ["a.faiss", "a.faiss.json"]
+    assert sorted(p.name for p in (tmp_path / "neighbours" / "index").iterdir()) == ["a.faiss", "a.faiss.json"]
 
 
 @pytest.mark.parametrize("index", ["IVF4,PQ4x4np", "HNSW8"])
@@ -220,40 +240,76 @@ def test_index_build_gives_the_same_bytes(tmp_path, corpus_inputs, index):
     """HNSW is built on one thread whatever mine.cpus says: a parallel build's graph depends on timing."""
     built = []
     for run in ("one", "two"):
-        stage = MineStage(MineSettings(seed=0, index=index, cpus=2, **MINED), corpus_inputs, tmp_path / run)
+        stage = search_stage(tmp_path / run, corpus_inputs, index=index, cpus=2, **MINED)
         stage.process(stage.plan()[0][0])
-        built.append((tmp_path / run / "index" / "a.faiss").read_bytes())
+        built.append((tmp_path / run / "neighbours" / "index" / "a.faiss").read_bytes())
     assert built[0] == built[1]
 
 
 def test_plan_checks_the_index_at_the_spaces_dimension(tmp_path):
     inputs = make_inputs(tmp_path, {"s0": [("q", h(1), {"a": vec(1.0)})]})  # d = 8
     with pytest.raises(ValueError, match=r"mine.index: faiss cannot build 'IVF2,PQ3' at d=8: .*multiple.* \(space a\)"):
-        MineStage(MineSettings(index="IVF2,PQ3"), inputs, tmp_path / "pairs").plan()
+        search_stage(tmp_path, inputs, index="IVF2,PQ3").plan()
 
 
 def test_resources_ask_for_a_gpu_only_when_mining_on_one(tmp_path):
     def gpus(**kw):
-        return MineStage(MineSettings(**kw), {}, tmp_path).resources().gpus
+        return search_stage(tmp_path, {}, **kw).resources().gpus
 
     assert gpus(device="cuda") == 1.0 and gpus(device="cuda", backend="torch-exact") == 1.0
     assert gpus(device="cpu") == 0.0 and gpus(device="cuda", gpus=0.5) == 0.5
-    assert MineStage.loads_model  # one worker per GPU keeps its device and loaded index across units
+    assert SearchStage.loads_model  # one worker per GPU keeps its device and loaded index across units
+    assert not MineStage.loads_model and MineStage(split()[1], {}, tmp_path).resources().gpus == 0  # choosing pairs is CPU work
 
 
 def test_query_sample_and_pairs_per_query_are_seeded(tmp_path):
     shards = random_corpus()
     inputs = make_inputs(tmp_path, shards)
-    rows, stats = run_mine(tmp_path / "r1", inputs, k=10, band=(0.5, 0.99), queries=25, pairs_per_query=1)
-    again, _ = run_mine(tmp_path / "r2", inputs, k=10, band=(0.5, 0.99), queries=25, pairs_per_query=1)
+    rows, stats = run_mine(tmp_path / "r1", inputs, k=10, band=(0.5, 0.99), queries=45, pairs_per_query=1)
+    again, _ = run_mine(tmp_path / "r2", inputs, k=10, band=(0.5, 0.99), queries=45, pairs_per_query=1)
     assert rows == again
-    assert stats.input == 25
+    assert 30 <= stats.input <= 60  # about 45 of the 90 images: a count is the share it is of the corpus
     per_query = {}
     for r in rows:
         per_query[r["query_id"]] = per_query.get(r["query_id"], 0) + 1
     assert max(per_query.values()) == 1
-    other, _ = run_mine(tmp_path / "r3", inputs, k=10, band=(0.5, 0.99), queries=25, pairs_per_query=1, seed=1)
+    other, _ = run_mine(tmp_path / "r3", inputs, k=10, band=(0.5, 0.99), queries=45, pairs_per_query=1, seed=1)
     assert {r["query_id"] for r in other} != {r["query_id"] for r in rows}
+
+
+def searched_queries(folder) -> set[str]:
+    return {i for u in neighbours.units(folder) for i in neighbours.read(folder / f"{u}.parquet", [], 1)[0]["query_id"].to_pylist()}
+
+
+def test_query_samples_nest(tmp_path):
+    """The 25% sample is inside the 50% one, inside all: on ids, whatever the unit size."""
+    inputs = make_inputs(tmp_path, random_corpus(n_shards=4, per=50))
+    found = {}
+    for q, per_unit in ((0.25, 7), (0.5, 1000), (None, 13)):
+        run_search(tmp_path / str(q), inputs, k=4, queries=q, queries_per_unit=per_unit)
+        found[q] = searched_queries(tmp_path / str(q) / "neighbours")
+    assert found[0.25] < found[0.5] < found[None] and len(found[None]) == 200
+    assert 25 <= len(found[0.25]) <= 75 and 70 <= len(found[0.5]) <= 130
+
+
+def test_corpus_scale_nests_and_mines_within_the_fraction(tmp_path):
+    """A corpus-scale variant keeps the images below a stable hash threshold: queries and neighbours both."""
+    inputs = make_inputs(tmp_path, random_corpus(n_shards=4, per=50))
+    kept = {}
+    for fraction in (0.3, 0.6, 1.0):
+        run_search(tmp_path / str(fraction), inputs, k=6, corpus_fraction=fraction, seed=fraction == 0.6 and 7 or 0)
+        folder = tmp_path / str(fraction) / "neighbours"
+        kept[fraction] = searched_queries(folder)
+        ids = {i for u in neighbours.units(folder) for i in catalog_ids(inputs, neighbours.read(folder / f"{u}.parquet", ["a"], 7)[1]["a"][0])}
+        assert ids <= kept[fraction]  # every neighbour found lies inside the mined corpus
+    assert kept[0.3] < kept[0.6] < kept[1.0]  # nested, and the same for any seed
+    assert 30 <= len(kept[0.3]) <= 90
+
+
+def catalog_ids(inputs, ordinals: np.ndarray) -> set[str]:
+    shard, rows = unpack(ordinals[ordinals >= 0])
+    names = catalog.shards(inputs["catalog"])
+    return {catalog.read(inputs["catalog"], names[s], ok_only=False, columns=["id"])["id"][int(r)].as_py() for s, r in zip(shard, rows)}
 
 
 @pytest.mark.parametrize("band", [(0.9, 0.8), (-2.0, 0.5), (0.5, 1.5)])
@@ -265,9 +321,9 @@ def test_bad_band_is_a_config_error(band):
 def test_unknown_space_is_an_error(tmp_path):
     inputs = make_inputs(tmp_path, {"s0": [("q", h(1), {"a": vec(1.0)})]})
     with pytest.raises(ValueError, match="were not embedded"):
-        MineStage(MineSettings(spaces=["nope"]), inputs, tmp_path / "pairs").plan()
+        search_stage(tmp_path, inputs, spaces=["nope"]).plan()
     with pytest.raises(ValueError, match="no embedded space named"):
-        MineStage(MineSettings(bands={"typo": (0.1, 0.2)}), inputs, tmp_path / "pairs").plan()
+        run_mine(tmp_path, inputs, bands={"typo": (0.1, 0.2)})
 
 
 @pytest.mark.parametrize("settings", [{}, {"index": "IVF2,Flat", "search_params": "nprobe=2"}], ids=["flat", "ivf"])
@@ -286,3 +342,34 @@ def test_an_empty_first_shard_of_any_width_changes_nothing(tmp_path, settings):
         rows, _ = run_mine(tmp_path / str(legacy), inputs, **MINED, **settings)
         mined.append(rows)
     assert mined[0] == mined[1] and any(s["space"] == "b" for r in mined[0] for s in r["spaces"])
+
+
+def test_pairs_from_a_deeper_search_are_the_pairs_of_a_search_at_that_depth(tmp_path, corpus_inputs):
+    """A search to k=10 over three spaces' worth of lists stands in for one to k=4 over one space."""
+    run_search(tmp_path / "deep", corpus_inputs, k=10)
+    reused, _ = run_mine(tmp_path / "deep", corpus_inputs, search=False, k=4, spaces=["a"], band=(0.6, 0.98))
+    fresh, _ = run_mine(tmp_path / "fresh", corpus_inputs, k=4, spaces=["a"], band=(0.6, 0.98))
+    assert reused == fresh and len(fresh) > 50
+    stage = search_stage(tmp_path / "x", corpus_inputs, k=10)
+    deep, shallow = stage.scope(), search_stage(tmp_path / "x", corpus_inputs, k=4, spaces=["a"], queries=0.5).scope()
+    assert stage.covers(deep, shallow) and not stage.covers(shallow, deep)
+
+
+def test_the_pair_policy_is_a_function_of_the_neighbour_lists():
+    """No search, no files: a few literal neighbours and the settings decide the pairs."""
+    from stages.mine import choose_pairs, union_neighbours
+
+    # query ordinal 0 with hash 10; neighbours 1..5 in spaces a and b (ordinals, hashes, scores per query row)
+    rows = {
+        "a": ([[0, 1, 2, 3, 4]], [[10, 11, 12, 10, 14]], [[1.0, 0.97, 0.85, 0.9, 0.5]]),
+        "b": ([[0, 2, 5, -1, -1]], [[10, 12, 15, 0, 0]], [[1.0, 0.82, 0.88, -np.inf, -np.inf]]),
+    }
+    found = union_neighbours(0, rows, 0)
+    assert sorted(found) == [1, 2, 3, 4, 5] and found[2].scores == {"a": 0.85, "b": 0.82}
+    settings, stats = split(band=(0.8, 0.96), pairs_per_query=5, hard_negatives=2)[1], Stats()
+    made = choose_pairs("s/q", 10, found, settings, stats)
+    # 1 is a near-duplicate (0.97 >= 0.96), 3 the query's exact duplicate (same hash), 4 below the band
+    assert [(t.ordinal, band) for t, band, _ in made] == [(2, {"a": 0.85, "b": 0.82}), (5, {"b": 0.88})]
+    assert [[n.ordinal for n in negs] for _, _, negs in made] == [[5, 4], [2, 4]]  # hardest first, never the target
+    assert stats.counters["near_duplicates"] == 1 and stats.counters["exact_duplicates"] == 1 and stats.counters["below_band"] == 1
+    assert choose_pairs("s/q", 10, found, split(band=(0.9, 0.96))[1], Stats()) == []  # nothing strictly inside (0.9, 0.96)
