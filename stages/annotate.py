@@ -1,8 +1,9 @@
 """annotate: a relation description per pair (VLM), then retrieval instructions (LLM).
 
-One unit per pairs file. The describer sees the query and target images with their
-captions and writes about WORD_NUM words (drawn per request from 60..100) on what they
-share and how the target differs; the instructor turns that description into
+Units are ranges of about `pairs_per_unit` pairs, whatever the layout of the pairs files.
+The describer sees the query and target images with their captions and writes about
+WORD_NUM words (drawn per request from 60..100) on what they share and how the target
+differs; the instructor turns that description into
 `instructions_per_pair` instructions, prompted with demonstrations drawn per request from
 the pool. Every answer is validated; a failing one is retried with a fresh seed, then the
 pair is rejected with the reason. A pair whose image cannot be read or decoded is rejected
@@ -22,7 +23,7 @@ from typing import Literal
 from PIL import Image
 from pydantic import Field, field_validator
 
-from stages import annotations, catalog, pairs
+from stages import annotations, catalog, pairs, units
 from stages.annotation import prompts
 from stages.annotation.backends import ChatRequest, Failed, GeneratorSettings, TransformersSettings, api_key, gpus_needed, make_generator
 from stages.annotation.cache import AnswerCache, request_key
@@ -47,6 +48,7 @@ class AnnotateSettings(StageSettings):
     retries: int = Field(2, ge=0, description="new-seed attempts after a rejected answer")
     image_side: int = Field(448, gt=0, description="longer side of the images shown to the describer")
     describe_chunk: int = Field(256, gt=0, description="pairs described per call to the backend (their images stay in memory)")
+    pairs_per_unit: int = Field(10_000, gt=0, description="pairs per annotate unit: several units per worker keep every GPU busy")
     description_words: tuple[int, int] = (20, 160)
     instruction_words: tuple[int, int] = (4, 40)
     caption_field: Literal["caption", "re_caption"] = "caption"
@@ -95,7 +97,9 @@ class AnnotateStage(Stage):
         return prompts.load_demonstrations(self.settings.demonstrations_file)
 
     def plan(self) -> list[list[Unit]]:
-        return [[Unit(u) for u in pairs.units(self.inputs["pairs"])]]
+        counts = units.row_counts(self.inputs["pairs"], pairs.units(self.inputs["pairs"]))
+        sliced = units.slice_rows(counts, self.settings.pairs_per_unit)
+        return [[Unit(f"pairs-{i:05d}", {"slices": sl}, items=units.unit_rows(sl)) for i, sl in enumerate(sliced)]]
 
     def setup(self) -> None:
         import torch
@@ -110,7 +114,7 @@ class AnnotateStage(Stage):
 
     def process(self, unit: Unit) -> Stats:
         s = self.settings
-        rows = pairs.read(self.inputs["pairs"], unit.id)
+        rows = units.read_slices(self.inputs["pairs"], unit.payload["slices"]).to_pylist()
         stats = Stats(input=len(rows))
         meta = catalog.lookup(
             self.inputs["catalog"],
@@ -131,6 +135,7 @@ class AnnotateStage(Stage):
             chunk = todo[i : i + s.describe_chunk]
             self._describe(chunk, meta)
             self._instruct([r for r in chunk if r["status"] == annotations.OK], meta)
+            self.advance(len(chunk))
         for r in rows:
             if r["status"] == annotations.OK:
                 stats.output += 1

@@ -40,8 +40,11 @@ def units(folder: Path) -> list[str]:
     return sorted(p.stem for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
 
 
+ROW_GROUP = 4096  # write reads its slice of a file by row groups
+
+
 def write(path: Path, rows: list[dict]) -> None:
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="zstd", row_group_size=ROW_GROUP)
 
 
 def read(folder: Path, unit: str, ok_only: bool = True) -> list[dict]:

@@ -69,6 +69,7 @@ class Unit:
 
     id: str
     payload: dict[str, Any] = field(default_factory=dict)
+    items: int | None = None  # how many items (images, queries, pairs) it handles, when known at planning
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Stage(ABC):
     #: How many workers run this stage at once; the executor sets it before `setup` (a budget such
     #: as an endpoint's total concurrency is split between them).
     worker_count: int = 1
+    #: Finished run folders this run may read from (`megasynth run --reuse`), e.g. for their answer caches.
+    reuse_runs: tuple[Path, ...] = ()
 
     def __init__(self, settings: StageSettings, inputs: dict[str, Path], output: Path):
         self.settings = settings
@@ -132,6 +135,19 @@ class Stage(ABC):
     def fingerprint_extra(self) -> dict[str, Any]:
         """Anything besides settings and upstream that decides this stage's output (e.g. input file stats)."""
         return {}
+
+    def reuse_key(self) -> dict[str, Any]:
+        """The settings that must match exactly for a finished stage to stand in for this one."""
+        return self.settings.model_dump(mode="json")
+
+    def scope(self) -> dict[str, Any]:
+        """How much of its work the stage does, when a larger scope holds a smaller one (neighbours searched
+        to depth k hold those to depth k' < k); read from the stage's inputs, which are done when it is asked."""
+        return {}
+
+    def covers(self, done: dict[str, Any], wanted: dict[str, Any]) -> bool:
+        """Whether outputs made at scope `done` hold everything scope `wanted` needs."""
+        return done == wanted
 
     def check(self) -> None:
         """Validate settings against the world (files exist, models load) before any work; raise ValueError."""
@@ -147,6 +163,12 @@ class Stage(ABC):
     def process(self, unit: Unit) -> Stats:
         """Do one unit: write its outputs (atomically) and return its counters."""
 
+    def finish(self) -> None:
+        """Called once on the driver after every wave is done (e.g. to remove scratch files)."""
+
+    def advance(self, items: int) -> None:
+        """Report `items` more items of the current unit done; the executor shows them on the progress bar."""
+
 
 # --- helpers every stage uses to write outputs safely -------------------------------------
 
@@ -158,22 +180,26 @@ def tmp_path_for(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, optional: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it into place.
 
     A crash leaves only a `.tmp-*` file behind, never a half-written output under the final
-    name. If the caller wrote nothing there (or removed it), nothing is renamed.
+    name. A caller that wrote nothing there is an error (FileNotFoundError), unless `optional`,
+    when nothing is renamed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
         yield tmp
+        if not tmp.exists():
+            if optional:
+                return
+            raise FileNotFoundError(f"{path}: its temporary file {tmp.name} was never written, so nothing was put in place")
         if tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        if tmp.exists():
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             if tmp.is_dir():

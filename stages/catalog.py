@@ -54,9 +54,22 @@ def shards(folder: Path) -> list[str]:
     return sorted(p.name[: -len(".parquet")] for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
 
 
+OK_ROWS_KEY = b"megasynth.ok_rows"  # in the file's footer: planning counts accepted rows without reading any
+
+
 def write(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    ok = sum(1 for r in rows if r.get("status") == OK)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), OK_ROWS_KEY: str(ok).encode()})
     pq.write_table(table, path, compression="zstd")
+
+
+def ok_count(folder: Path, shard: str) -> int:
+    """Accepted rows of one catalog shard, from its footer (or its status column, for a file without the count)."""
+    meta = pq.read_schema(catalog_file(folder, shard)).metadata or {}
+    if OK_ROWS_KEY in meta:
+        return int(meta[OK_ROWS_KEY])
+    return read(folder, shard, columns=["status"]).num_rows
 
 
 def read(folder: Path, shard: str, ok_only: bool = True, columns: list[str] | None = None) -> pa.Table:

@@ -88,7 +88,7 @@ class IngestStage(Stage):
         seen: Counter = Counter()
         store_out = catalog.image_store_file(self.output, shard.id)
         columns = ParquetColumns(**self.settings.corpus.parquet.model_dump())
-        with atomic_path(store_out) as store_tmp:
+        with atomic_path(store_out, optional=True) as store_tmp:  # no image kept: no store file
             with open(store_tmp, "wb") as store:
                 for sample in _guarded(read_shard(shard, columns), stats):
                     stats.input += 1

@@ -25,6 +25,9 @@ SCHEMA = pa.schema(
 )
 
 
+ROW_GROUP = 4096  # rows per parquet row group: annotate reads its slice of a file by row groups
+
+
 def pair_id(query_id: str, target_id: str) -> str:
     """Stable, file-name safe, independent of sharding: used as the triplet's key downstream."""
     return hashlib.sha1(f"{query_id}\t{target_id}".encode()).hexdigest()[:20]
@@ -35,7 +38,7 @@ def units(folder: Path) -> list[str]:
 
 
 def write(path: Path, rows: list[dict]) -> None:
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="zstd", row_group_size=ROW_GROUP)
 
 
 def read(folder: Path, unit: str) -> list[dict]:

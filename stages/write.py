@@ -1,14 +1,18 @@
 """write: the dataset, as WebDataset tars plus an index in MegaPairs' released format.
 
-    triplets/{unit}-{n:05d}.tar     one sample per triplet: query.jpg, target.jpg,
-                                    instructions.json, json (provenance)
-    triplets/images/{n:05d}.tar     every referenced image once (query, target, hard
-                                    negatives) as {image}.jpg, for the index below
-    triplets/index.jsonl            {"q_img", "q_text", "t_img", "hns"} per triplet, paths
-                                    relative to triplets/ once images/*.tar are extracted
+    triplets/triplets-{u:05d}-{n:05d}.tar   one sample per triplet: query.jpg, target.jpg,
+                                            instructions.json, json (provenance)
+    triplets/images/{b:05d}-{n:05d}.tar     every referenced image once (query, target, hard
+                                            negatives) as {image}.jpg, for the index below
+    triplets/index.jsonl                    {"q_img", "q_text", "t_img", "hns"} per triplet, paths
+                                            relative to triplets/ once images/*.tar are extracted
 
-Three waves: triplet shards per annotations unit, then image shards, then the index.
-Keys, shard names and bytes depend only on the data and the settings.
+Three waves. Triplet units take about `triplets_per_unit` annotated pairs each, whatever the
+layout of the annotation files, and note which images they reference. Image units each own
+a range of a 64-bit hash of the image id, so every image is written once without the driver
+ever holding the ids: a unit reads, from every triplet unit's notes, the ids of its range.
+The index unit writes index.jsonl, then the notes (under the stage's scratch folder, outside
+the output) are removed. Keys, shard names and bytes depend only on the data and the settings.
 """
 
 from __future__ import annotations
@@ -16,24 +20,30 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
-from stages import annotations, catalog, embeddings
+from stages import annotations, catalog, embeddings, units
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
 
-PARTS = ".index-parts"  # per annotations unit: the index rows it wrote; per image shard: the ids it could not write
 INDEX_FIELDS = ("q_img", "q_text", "t_img", "hns")
 IMAGES = "images"
 JPEG_CACHE_BYTES = 512 << 20  # per triplets unit: encoded JPEGs kept for reuse (a query recurs in its pairs)
 
 
 class WriteSettings(StageSettings):
+    triplets_per_unit: int = Field(50_000, gt=0, description="annotated pairs (kept or rejected) per triplets unit")
+    images_per_unit: int = Field(50_000, gt=0, description="referenced images per image unit (at most; images are shared between triplets)")
     maxcount: int = Field(10_000, gt=0, description="samples per tar shard")
     maxsize: int = Field(1_000_000_000, gt=0, description="bytes per tar shard (a shard closes once past it)")
     image_side: int = Field(512, gt=0, description="longer side of every written image")
@@ -109,49 +119,59 @@ class ShardedTarWriter:
 
 class WriteStage(Stage):
     name = "write"
-    version = "3"  # one-to-one image keys; index.jsonl drops hard negatives whose image was not written
+    version = "4"  # units sized by triplets; image shards by id hash ranges
     Settings = WriteSettings
     settings: WriteSettings
 
     def resources(self) -> Resources:
         return Resources(cpus=self.settings.cpus)
 
+    def reuse_key(self) -> dict:
+        return self.settings.model_dump(mode="json", exclude={"cpus"})
+
     def plan(self) -> list[list[Unit]]:
-        shard_units = [Unit(f"triplets-{u}", {"annotations": u}) for u in annotations.units(self.inputs["annotations"])]
-        ids = sorted({i for row in self._parts() for i in row["images"]}, key=image_key)
-        per = self.settings.maxcount
-        image_units = [Unit(f"images-{n:05d}", {"index": n, "ids": ids[s : s + per]}) for n, s in enumerate(range(0, len(ids), per))]
-        return [shard_units, image_units, [Unit("index", {"image_shards": len(image_units)})]]
+        counts = units.row_counts(self.inputs["annotations"], annotations.units(self.inputs["annotations"]))
+        sliced = units.slice_rows(counts, self.settings.triplets_per_unit)
+        triplet_units = [Unit(f"triplets-{i:05d}", {"slices": sl}, items=units.unit_rows(sl)) for i, sl in enumerate(sliced)]
+        names = [u.id for u in triplet_units]
+        # An upper bound on distinct images (each unit counts its own), read from the notes' footers once they exist.
+        notes = [self._notes(u) for u in names]
+        referenced = sum(pq.read_metadata(n).num_rows for n in notes if n.is_file())
+        buckets = max(1, math.ceil(referenced / self.settings.images_per_unit)) if all(n.is_file() for n in notes) else 0
+        image_units = [Unit(f"images-{b:05d}", {"bucket": b, "of": buckets, "notes": names}) for b in range(buckets)]
+        return [triplet_units, image_units, [Unit("index", {"notes": names, "image_units": buckets})]]
 
-    def _parts(self) -> Iterator[dict]:
-        """The index rows the triplets units wrote, in unit order, one at a time."""
-        for u in annotations.units(self.inputs["annotations"]):
-            p = self.output / PARTS / f"{u}.jsonl"
-            if p.is_file():
-                with open(p) as f:
-                    for line in f:
-                        yield json.loads(line)
+    def finish(self) -> None:
+        shutil.rmtree(self.inputs["scratch"], ignore_errors=True)  # no scratch left beside the dataset
 
-    def _unwritten_file(self, n: int) -> Path:
-        return self.output / PARTS / f"{IMAGES}-{n:05d}.unwritten.json"
+    def _notes(self, unit_id: str) -> Path:
+        """A triplets unit's referenced image ids, sorted by their hash: what the image units read."""
+        return self.inputs["scratch"] / f"{unit_id}.images.parquet"
+
+    def _index_part(self, unit_id: str) -> Path:
+        return self.inputs["scratch"] / f"{unit_id}.index.jsonl"
+
+    def _unwritten_file(self, bucket: int) -> Path:
+        return self.inputs["scratch"] / f"{IMAGES}-{bucket:05d}.unwritten.json"
 
     def process(self, unit: Unit) -> Stats:
         if unit.id == "index":
-            return self._write_index(unit.payload.get("image_shards", 0))
-        if "ids" in unit.payload:
-            return self._write_images(unit.payload["index"], unit.payload["ids"])
-        return self._write_triplets(unit.payload["annotations"])
+            return self._write_index(unit.payload["notes"], unit.payload["image_units"])
+        if unit.id.startswith(f"{IMAGES}-"):
+            return self._write_images(unit.payload["bucket"], unit.payload["of"], unit.payload["notes"])
+        return self._write_triplets(unit.id, unit.payload["slices"])
 
-    def _write_triplets(self, ann_unit: str) -> Stats:
-        rows = annotations.read(self.inputs["annotations"], ann_unit)
+    def _write_triplets(self, unit_id: str, slices: list) -> Stats:
+        rows = [r for r in units.read_slices(self.inputs["annotations"], slices).to_pylist() if r["status"] == annotations.OK]
         stats = Stats(input=len(rows))
         meta = catalog.lookup(
             self.inputs["catalog"],
             {r["query_id"] for r in rows} | {r["target_id"] for r in rows} | {h["id"] for r in rows for h in r["hard_negatives"]},
             ["key", "shard", "path", "offset", "size"],
         )
-        writer = ShardedTarWriter(self.output, ann_unit, self.settings.maxcount, self.settings.maxsize)
+        writer = ShardedTarWriter(self.output, unit_id, self.settings.maxcount, self.settings.maxsize)
         index_rows = []
+        referenced: set[str] = set()
         jpegs = _JpegCache(JPEG_CACHE_BYTES)  # id -> JPEG bytes: each image encoded once in this unit
         for r in rows:
             q, t = meta.get(r["query_id"]), meta.get(r["target_id"])
@@ -175,6 +195,8 @@ class WriteStage(Stage):
                 }
             )
             stats.output += 1
+            images = [r["query_id"], r["target_id"], *(h["id"] for h in negatives)]
+            referenced.update(images)
             index_rows.append(
                 {
                     "index": {
@@ -183,13 +205,19 @@ class WriteStage(Stage):
                         "t_img": image_path(r["target_id"]),
                         "hns": [image_path(r["query_id"])] + [image_path(h["id"]) for h in negatives],
                     },
-                    "images": [r["query_id"], r["target_id"], *(h["id"] for h in negatives)],
+                    "images": images,
                 }
             )
+            self.advance(1)
         writer.close()
         stats.counters["shards"] += len(writer.names)
-        with atomic_path(self.output / PARTS / f"{ann_unit}.jsonl") as tmp:
+        stats.counters["images_referenced"] += len(referenced)
+        with atomic_path(self._index_part(unit_id)) as tmp:
             tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in index_rows))
+        ordered = sorted(referenced, key=lambda i: (_id_hash(i), i))
+        with atomic_path(self._notes(unit_id)) as tmp:
+            table = pa.table({"hash": pa.array([_id_hash(i) for i in ordered], pa.uint64()), "id": pa.array(ordered, pa.string())})
+            pq.write_table(table, tmp, row_group_size=4096)
         return stats
 
     def _provenance(self, r: dict, q: dict, t: dict, negatives: list[dict], meta: dict) -> dict:
@@ -215,42 +243,47 @@ class WriteStage(Stage):
             self._spaces = {s: m["model"] for s, m in embeddings.read_manifests(self.inputs["embeddings"]).items()}
         return self._spaces
 
-    def _write_images(self, n: int, ids: list[str]) -> Stats:
-        meta = catalog.lookup(self.inputs["catalog"], set(ids), ["path", "offset", "size"])
+    def _write_images(self, bucket: int, buckets: int, notes: list[str]) -> Stats:
+        lo, hi = (pa.scalar(v, pa.uint64()) for v in _hash_range(bucket, buckets))
+        ids: set[str] = set()
+        for u in notes:  # the notes are sorted by hash: row-group statistics skip the rest of each file
+            t = pq.read_table(self._notes(u), columns=["id"], filters=(pc.field("hash") >= lo) & (pc.field("hash") <= hi))
+            ids.update(t["id"].to_pylist())
+        ordered = sorted(ids, key=image_key)
+        meta = catalog.lookup(self.inputs["catalog"], ids, ["path", "offset", "size"])
         stats = Stats()  # input/output count triplets; images are counters
-        folder = self.output / IMAGES
-        folder.mkdir(parents=True, exist_ok=True)
         unwritten = []
-        with atomic_path(folder / f"{n:05d}.tar") as tmp:
-            import webdataset as wds
-
-            with open(tmp, "wb") as f, wds.TarWriter(f, user="", group="", mtime=0, encoder=False) as tar:
-                for i in ids:
-                    try:
-                        data = self._jpeg(meta[i])
-                    except (KeyError, OSError):
-                        stats.counters["images_unreadable"] += 1
-                        unwritten.append(i)
-                        continue
-                    tar.write({"__key__": image_key(i), "jpg": data})
-                    stats.counters["images"] += 1
-        (self.output / PARTS).mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._unwritten_file(n)) as tmp:  # what the index must not point at
+        writer = ShardedTarWriter(self.output / IMAGES, f"{bucket:05d}", self.settings.maxcount, self.settings.maxsize)
+        for i in ordered:
+            try:
+                data = self._jpeg(meta[i])
+            except (KeyError, OSError):
+                stats.counters["images_unreadable"] += 1
+                unwritten.append(i)
+                continue
+            writer.write({"__key__": image_key(i), "jpg": data})
+            stats.counters["images"] += 1
+            self.advance(1)
+        writer.close()
+        with atomic_path(self._unwritten_file(bucket)) as tmp:  # what the index must not point at
             tmp.write_text(json.dumps(unwritten) + "\n")
         return stats
 
-    def _write_index(self, image_shards: int) -> Stats:
+    def _write_index(self, notes: list[str], buckets: int) -> Stats:
         stats = Stats()
         unwritten: set[str] = set()
-        for n in range(image_shards):
-            unwritten.update(json.loads(self._unwritten_file(n).read_text()))
+        for b in range(buckets):
+            unwritten.update(json.loads(self._unwritten_file(b).read_text()))
         with atomic_path(self.output / "index.jsonl") as tmp, open(tmp, "w") as f:
-            for row in self._parts():
-                released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
-                if unwritten:
-                    released["hns"] = self._written_hns(row, unwritten, stats)
-                f.write(json.dumps(released, ensure_ascii=False) + "\n")
-                stats.counters["index_rows"] += 1
+            for u in notes:
+                with open(self._index_part(u)) as part:
+                    for line in part:
+                        row = json.loads(line)
+                        released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
+                        if unwritten:
+                            released["hns"] = self._written_hns(row, unwritten, stats)
+                        f.write(json.dumps(released, ensure_ascii=False) + "\n")
+                        stats.counters["index_rows"] += 1
         return stats
 
     @staticmethod
@@ -290,6 +323,16 @@ class _JpegCache:
         while self.size > self.max_bytes and len(self._data) > 1:
             self.size -= len(self._data.popitem(last=False)[1])
         return data
+
+
+def _id_hash(image_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def _hash_range(bucket: int, buckets: int) -> tuple[int, int]:
+    """The inclusive range of id hashes image unit `bucket` of `buckets` owns."""
+    lo = bucket * 2**64 // buckets
+    return lo, (bucket + 1) * 2**64 // buckets - 1
 
 
 def _json_bytes(obj) -> bytes:

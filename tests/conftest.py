@@ -90,15 +90,16 @@ def pipeline_config(corpus, image_models, text_models, tmp_path_factory) -> Path
         "mine": {
             "k": 8,
             "bands": {"semantic": [0.65, 0.96], "pattern": [0.85, 0.97], "caption": [0.80, 0.97]},
-            "queries": 40,
+            "queries": 40,  # about 40 of the ~190 accepted images
             "queries_per_unit": 20,
         },
         "annotate": {
             "describer": {"model": str(text_models["describer"]), "batch_size": 16, "max_new_tokens": 120, "device": "cpu"},
             "instructor": {"model": str(text_models["instructor"]), "batch_size": 16, "max_new_tokens": 100, "device": "cpu"},
             "retries": 1,
+            "pairs_per_unit": 16,
         },
-        "write": {"maxcount": 20},
+        "write": {"maxcount": 20, "triplets_per_unit": 30},
         "executor": {"kind": "local", "num_cpus": 2},
     }
     path = tmp_path_factory.mktemp("config") / "test.yaml"

@@ -88,7 +88,7 @@ def annotate(tmp, models, out, **kw) -> tuple:
     stage = AnnotateStage(settings, {"catalog": tmp / "catalog", "pairs": tmp / "pairs", "cache": tmp / f"cache-{out}"}, tmp / out)
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
-    return stats, annotations.read(tmp / out, "queries-00000", ok_only=False)
+    return stats, annotations.read(tmp / out, "pairs-00000", ok_only=False)
 
 
 def test_every_pair_is_kept_or_rejected_with_a_reason(pair_inputs, text_models):
@@ -120,7 +120,7 @@ def test_untrained_models_are_rejected_not_written(pair_inputs, corpus, tmp_path
 def test_a_rerun_answers_from_the_cache(pair_inputs, text_models):
     _, first = annotate(pair_inputs, text_models, "a3")
     db = pair_inputs / "cache-a3" / "annotate.sqlite"
-    n = pq.read_table(pair_inputs / "a3" / "queries-00000.parquet").num_rows
+    n = pq.read_table(pair_inputs / "a3" / "pairs-00000.parquet").num_rows
     entries = AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
     assert n == 9 and entries >= 8
     _, second = annotate(pair_inputs, text_models, "a3")
@@ -182,7 +182,7 @@ def test_a_backend_lost_mid_unit_costs_at_most_the_chunk_in_flight(pair_inputs, 
                                     seed=0, retries=1, describe_chunk=3)  # fmt: skip
         stage = AnnotateStage(settings, {"catalog": pair_inputs / "catalog", "pairs": pair_inputs / "pairs", "cache": tmp_path / f"cache-{out}"}, tmp_path / out)
         stage.setup()
-        return stage.process(stage.plan()[0][0]), annotations.read(tmp_path / out, "queries-00000", ok_only=False)
+        return stage.process(stage.plan()[0][0]), annotations.read(tmp_path / out, "pairs-00000", ok_only=False)
 
     with OpenAIServer(served) as srv:  # one server throughout: its address is part of the cache key
         _, whole = run(srv, "whole")

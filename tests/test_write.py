@@ -51,12 +51,19 @@ def run_write(tmp_path, out, **settings) -> WriteStage:
     return run_write_stats(tmp_path, out, **settings)[0]
 
 
+def inputs(tmp_path, out) -> dict:
+    return {"catalog": tmp_path / "catalog", "annotations": tmp_path / "ann", "embeddings": tmp_path / "emb", "scratch": tmp_path / f"scratch-{out.name}"}
+
+
 def run_write_stats(tmp_path, out, **settings) -> tuple[WriteStage, Stats]:
-    stage = WriteStage(WriteSettings(**settings), {"catalog": tmp_path / "catalog", "annotations": tmp_path / "ann", "embeddings": tmp_path / "emb"}, out)
+    """Every wave, each planned after the one before (as the runner does), then the stage's finish."""
+    stage = WriteStage(WriteSettings(**settings), inputs(tmp_path, out), out)
     stats = Stats()
     for wave in range(3):
         for unit in stage.plan()[wave]:
             stats += stage.process(unit)
+    stage.finish()
+    assert not stage.inputs["scratch"].exists()  # no scratch left behind
     return stage, stats
 
 
@@ -83,7 +90,7 @@ def test_shards_read_back_with_webdataset(tmp_path, corpus):
     out = tmp_path / "triplets"
     run_write(tmp_path, out, maxcount=4, image_side=128)
     shards = sorted(out.glob("*.tar"))
-    assert [p.name for p in shards] == ["queries-00000-00000.tar", "queries-00000-00001.tar"]
+    assert [p.name for p in shards] == ["triplets-00000-00000.tar", "triplets-00000-00001.tar"]
 
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     assert len(samples) == 6  # the rejected pair is not written
@@ -218,8 +225,7 @@ def test_each_image_is_encoded_once_per_unit(tmp_path, corpus, monkeypatch):
         return jpeg(self, row)
 
     monkeypatch.setattr(WriteStage, "_jpeg", counting)
-    inputs = {"catalog": tmp_path / "catalog", "annotations": tmp_path / "ann", "embeddings": tmp_path / "emb"}
-    stage = WriteStage(WriteSettings(maxcount=4), inputs, tmp_path / "a")
+    stage = WriteStage(WriteSettings(maxcount=4), inputs(tmp_path, tmp_path / "a"), tmp_path / "a")
     stage.process(stage.plan()[0][0])
     assert sorted(encoded) == sorted({i for r in rows[:6] + extra for i in (r["query_id"], r["target_id"])})
 
@@ -240,3 +246,19 @@ def test_written_jpegs_are_encode_jpeg(tmp_path, corpus):
     assert stage._jpeg(row) == data
     img = Image.open(io.BytesIO(data))
     assert img.format == "JPEG" and max(img.size) == 96
+
+
+def test_units_are_sized_by_work_not_by_the_files_above(tmp_path, corpus):
+    """7 annotated pairs in one file: 3 per unit gives 3 triplet units; 5 images per unit, several image units.
+    The index and every image are the same as with one unit each, and no image is written twice."""
+    annotated(tmp_path, corpus)
+    one = tmp_path / "one"
+    run_write(tmp_path, one, maxcount=100)
+    many = tmp_path / "many"
+    stage = run_write(tmp_path, many, maxcount=2, triplets_per_unit=3, images_per_unit=5)
+    triplet_units = stage.plan()[0]
+    assert len(triplet_units) == 3 and [u.items for u in triplet_units] == [3, 3, 1]
+    buckets = {p.name.split("-")[0] for p in (many / "images").glob("*.tar")}
+    assert len(buckets) >= 3  # image units from an upper bound on distinct images (each unit counts its own), 5 per unit
+    assert read_index(many) == read_index(one)
+    assert image_members(many) == image_members(one)  # image_members asserts each appears once
