@@ -52,6 +52,8 @@ def run(
     executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or local (in-process, for debugging)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="connect to an existing Ray cluster"),
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this stage (its upstream must be done)"),
+    reuse: Optional[List[Path]] = typer.Option(None, "--reuse", help="a finished run folder whose matching stages are used as they are (repeatable)"),
+    replace: bool = typer.Option(False, "--replace", help="allow replacing finished stages of --out made with other settings"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Run the pipeline (or one stage), resuming from whatever is already done in the run folder."""
@@ -66,7 +68,7 @@ def run(
     out = out or Path("runs") / config.stem
     try:
         cfg = load_config(config, overrides, corpus)
-        summary = runner.run(cfg, out, only=stage, progress=not quiet)
+        summary = runner.run(cfg, out, only=stage, progress=not quiet, reuse=reuse or (), replace=replace)
     except USER_ERRORS as e:
         _fail(str(e))
     st = {"stages": summary}
@@ -75,6 +77,36 @@ def run(
         n = report.triplet_count(out)
         t = out / "triplets"
         console.print(f"[green]{n} triplets[/green] in {t} (index: {t / 'index.jsonl'}, card: {t / 'README.md'})")
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="a sweep file: base config plus variants, e.g. configs/ablations/demo.yaml"),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="corpus paths or globs for every variant (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the sweep folder (default: the file's `out`, else runs/<sweep name>)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a setting of every variant (repeatable)"),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run only this variant (repeatable)"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or local"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="connect to an existing Ray cluster"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run a base config and its variants, each in its own folder, reusing every stage another variant finished."""
+    from pipeline import report
+    from pipeline.sweep import load_sweep, run_sweep
+
+    overrides = list(set_ or [])
+    if executor:
+        overrides.append(f"executor.kind={executor}")
+    if ray_address:
+        overrides.append(f"executor.ray_address={ray_address}")
+    try:
+        sw = load_sweep(sweep_file, overrides, corpus, out)
+        summaries = run_sweep(sw, progress=not quiet, only=only, log=console.print)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    for name, summary in summaries.items():
+        reused = [s for s, st in summary.items() if st.get("source")]
+        console.print(f"{name}: {report.triplet_count(sw.out / name)} triplets" + (f" (reused: {', '.join(reused)})" if reused else ""))
 
 
 @app.command()

@@ -1,24 +1,43 @@
 """Executors: run a stage's units here (local) or on a Ray cluster.
 
-Both run the same code per unit (`run_unit`): process it, then record it in the ledger.
-On Ray, stages that hold a model run on actors that call `setup` once; the others run as
-one task per unit. Stages never see which executor runs them.
+Both run the same code per unit (`run_unit`): process it, then record it in the ledger, with
+the unit's log lines in the run folder. What happens when something goes wrong is decided
+here, the same way for both:
+
+- a transient I/O error (`stages.base.is_transient`) fails the unit, which is retried after a
+  pause, up to `unit_retries` times;
+- on Ray, a lost worker (a killed process, an actor gone, a node removed) is replaced and its
+  unit submitted again, up to `lost_retries` times per unit;
+- a stage whose workers no node can host (a GPU asked of a cluster without one, the only GPU
+  node gone) ends the run with one line after `placement_timeout_s`, never a silent hang;
+- anything else stops the run with one line (and the traceback logged, if it is a bug).
+
+On Ray, stages that hold a model run on actors that call `setup` once; the others run as one
+task per unit. The driver keeps a bounded window of units in flight, never every unit at once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import time
 import traceback
+import warnings
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline.rundir import Ledger
-from stages.base import Stage, StageError, StageSettings, Unit
+from stages.base import Stage, StageError, StageSettings, Unit, is_transient
 
 log = logging.getLogger("megasynth")
+
+Done = Callable[[Unit, dict], None]  # called with each finished unit and its ledger record
+Advance = Callable[[Unit, int], None]  # called as a unit reports items done before it ends
 
 
 @dataclass(frozen=True)
@@ -31,30 +50,87 @@ class StageSpec:
     output: Path
     fingerprint: str
     run_dir: Path
+    reuse_runs: tuple[Path, ...] = ()
 
     @property
     def name(self) -> str:
         return self.cls.name
 
     def build(self) -> Stage:
-        return self.cls(self.settings, self.inputs, self.output)
+        stage = self.cls(self.settings, self.inputs, self.output)
+        stage.reuse_runs = self.reuse_runs
+        return stage
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How an executor handles trouble; `executor.*` settings."""
+
+    unit_retries: int = 3
+    retry_pause_s: float = 2.0
+    lost_retries: int = 5
+    placement_timeout_s: float = 300.0
+    max_in_flight: int | None = None  # tasks submitted at once; default twice what the cluster runs at once
 
 
 class UnitFailed(RuntimeError):
     pass
 
 
+def describe_error(cause: BaseException) -> str:
+    """One line for the user; disk-full gets its own words, wherever it happened."""
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {cause.filename}" if cause.filename else ""
+        return f"no space left on device{where} ({os.strerror(cause.errno)}): free some space and run again; finished units are kept"
+    return f"{type(cause).__name__}: {cause}"
+
+
 def unit_failed(spec: StageSpec, unit: Unit, cause: BaseException, detail: str) -> UnitFailed:
     """The error that stops the run; a cause that is not a StageError is a bug, logged with its traceback."""
     if not isinstance(cause, (StageError, ValueError, OSError)):
         log.error("%s unit %s failed:\n%s", spec.name, unit.id, detail)
-    return UnitFailed(f"{spec.name} unit {unit.id} failed: {type(cause).__name__}: {cause}")
+    message = f"{spec.name} unit {unit.id} failed: {describe_error(cause)}"
+    Ledger(spec.run_dir).fail_stage(spec.name, message)
+    return UnitFailed(message)
 
 
-def run_unit(stage: Stage, spec: StageSpec, unit: Unit) -> dict:
-    t0 = time.perf_counter()
-    stats = stage.process(unit)
-    return Ledger(spec.run_dir).record(spec.name, unit.id, spec.fingerprint, stats, time.perf_counter() - t0)
+@contextmanager
+def unit_log(spec: StageSpec, unit: Unit) -> Iterator[None]:
+    """The unit's log lines, warnings included, in `_state/{stage}/logs/{unit}.log` (written as they come)."""
+    path = Ledger(spec.run_dir).log_file(spec.name, unit.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", delay=True)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {socket.gethostname()} pid %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger("megasynth"), logging.getLogger("py.warnings")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+
+
+def run_unit(stage: Stage, spec: StageSpec, unit: Unit, advance: Callable[[int], None] | None = None) -> dict:
+    with unit_log(spec, unit):
+        stage.advance = advance or _ignore
+        t0 = time.perf_counter()
+        stats = stage.process(unit)
+        return Ledger(spec.run_dir).record(spec.name, unit.id, spec.fingerprint, stats, time.perf_counter() - t0)
+
+
+def _ignore(n: int) -> None:
+    pass
 
 
 class LocalExecutor:
@@ -62,101 +138,186 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy = Policy()) -> None:
+        self.policy = policy
         self._stages: dict[tuple, Stage] = {}
 
-    def run(self, spec: StageSpec, units: list[Unit], done: Callable[[dict], None]) -> None:
+    def run(self, spec: StageSpec, units: list[Unit], done: Done, advance: Advance | None = None) -> None:
         key = (spec.cls, spec.fingerprint)
         if key not in self._stages:  # one setup per stage per run, like one actor
             stage = spec.build()
+            stage.worker_count = 1
             stage.setup()
             self._stages = {key: stage}
         stage = self._stages[key]
         for unit in units:
-            try:
-                done(run_unit(stage, spec, unit))
-            except Exception as e:
-                raise unit_failed(spec, unit, e, traceback.format_exc()) from e
+            for attempt in range(self.policy.unit_retries + 1):
+                try:
+                    done(unit, run_unit(stage, spec, unit, (lambda n, u=unit: advance(u, n)) if advance else None))
+                    break
+                except Exception as e:
+                    if is_transient(e) and attempt < self.policy.unit_retries:
+                        log.warning("%s unit %s: %s; retrying (%d of %d)", spec.name, unit.id, describe_error(e), attempt + 1, self.policy.unit_retries)
+                        time.sleep(self.policy.retry_pause_s * 2**attempt)
+                        continue
+                    raise unit_failed(spec, unit, e, traceback.format_exc()) from e
 
     def close(self) -> None:
         self._stages.clear()
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Connect to `address`, or start an embedded cluster; False if this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus)
+    ray.init(**kwargs)
+    return True
 
 
 class RayExecutor:
     """Maps units onto Ray: tasks for CPU stages, actors (model loaded once) for model stages."""
 
     name = "ray"
+    POLL_S = 1.0
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, actors: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+                 actors: int | None = None, policy: Policy = Policy()):  # fmt: skip
         import ray
 
         self.ray = ray
         self.actors = actors
-        if not ray.is_initialized():
-            kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus)
-            ray.init(**kwargs)
-            self._owns = True
-        else:
-            self._owns = False
+        self.policy = policy
+        self._owns = start_ray(address, num_cpus, num_gpus)
 
-    def run(self, spec: StageSpec, units: list[Unit], done: Callable[[dict], None]) -> None:
+    def run(self, spec: StageSpec, units: list[Unit], done: Done, advance: Advance | None = None) -> None:
         if not units:
             return
         res = spec.build().resources()
         opts = {"num_cpus": res.cpus, "num_gpus": res.gpus}
-        if spec.cls.loads_model:
-            self._run_actors(spec, units, opts, done)
-        else:
-            self._run_tasks(spec, units, opts, done)
+        progress = _Progress(self.ray, advance)
+        try:
+            if spec.cls.loads_model:
+                self._run_actors(spec, units, opts, done, progress)
+            else:
+                self._run_tasks(spec, units, opts, done, progress)
+        finally:
+            progress.close()
 
-    def _run_tasks(self, spec, units, opts, done) -> None:
+    # --- tasks -------------------------------------------------------------------------------
+
+    def _run_tasks(self, spec: StageSpec, units: list[Unit], opts: dict, done: Done, progress: "_Progress") -> None:
         ray = self.ray
-        task = ray.remote(_task).options(max_retries=2, **opts)
-        pending = {task.remote(spec, u): u for u in units}
-        self._drain(spec, pending, done)
+        task = ray.remote(_task).options(max_retries=0, retry_exceptions=False, **opts)  # retries are decided here (_Tries)
+        spec_ref = ray.put(spec)
+        window = self.policy.max_in_flight or max(2, 2 * self._fit(opts))
+        queue = deque(units)
+        pending: dict = {}
+        tries = _Tries(self.policy)
+        watch = _Placement(self, spec, opts)
+        while queue or pending:
+            while queue and len(pending) < window:
+                u = queue.popleft()
+                pending[task.remote(spec_ref, u, progress.sink)] = u
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.POLL_S)
+            progress.drain()
+            if not ready:
+                watch.check(busy=False)
+                continue
+            watch.progressed()
+            u = pending.pop(ready[0])
+            try:
+                rec = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                if tries.again(spec, u, e):
+                    queue.appendleft(u)
+                    continue
+                raise self._failed(spec, u, e) from e
+            done(u, rec)
 
-    def _run_actors(self, spec, units, opts, done) -> None:
+    # --- actors ------------------------------------------------------------------------------
+
+    def _run_actors(self, spec: StageSpec, units: list[Unit], opts: dict, done: Done, progress: "_Progress") -> None:
         ray = self.ray
         n = min(len(units), self.actors or self._fit(opts))
-        worker = ray.remote(_Worker).options(max_restarts=2, max_task_retries=2, **opts)
-        actors = [worker.remote(spec) for _ in range(n)]
+        worker = ray.remote(_Worker).options(max_restarts=0, max_task_retries=0, **opts)
+        spec_ref = ray.put(spec)
+        starting: dict = {}  # ready ref -> actor, for actors not yet known to be up
+        actors: list = []
+
+        def start() -> None:
+            a = worker.remote(spec_ref, n)
+            actors.append(a)
+            starting[a.__ray_ready__.remote()] = a
+
+        for _ in range(n):
+            start()
+        queue = deque(units)
+        running: dict = {}  # result ref -> (unit, actor)
+        free: list = []
+        tries = _Tries(self.policy)
+        watch = _Placement(self, spec, opts)
         try:
-            queue = list(units)
-            pending = {}
-            free = list(actors)
-
-            def submit() -> None:
+            while queue or running:
                 while free and queue:
-                    a, u = free.pop(), queue.pop(0)
-                    pending[a.run.remote(u)] = (u, a)
-
-            submit()
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                u, a = pending.pop(ready[0])
-                done(self._get(spec, ready[0], u))
+                    a, u = free.pop(), queue.popleft()
+                    running[a.run.remote(u, progress.sink)] = (u, a)
+                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=self.POLL_S)
+                progress.drain()
+                if not ready:
+                    watch.check(busy=bool(running))
+                    continue
+                ref = ready[0]
+                if ref in starting:
+                    a = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        actors.remove(a)
+                        if _creation_error(e):  # the worker could not set up (a model, an environment variable): final
+                            raise UnitFailed(self._fail_line(spec, f"a worker could not start: {_creation_error(e)}")) from e
+                        start()  # lost before it was up (its node went away): start another
+                        continue
+                    watch.progressed()
+                    free.append(a)
+                    continue
+                u, a = running.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    if isinstance(e, ray.exceptions.RayActorError):  # the worker is gone: replace it
+                        actors.remove(a)
+                        ray.kill(a)
+                        start()
+                    else:
+                        free.append(a)
+                    if tries.again(spec, u, e):
+                        queue.appendleft(u)
+                        continue
+                    raise self._failed(spec, u, e) from e
+                watch.progressed()
                 free.append(a)
-                submit()
+                done(u, rec)
         finally:
             for a in actors:
                 ray.kill(a)
 
-    def _drain(self, spec, pending: dict, done) -> None:
-        while pending:
-            ready, _ = self.ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(ready[0])
-            done(self._get(spec, ready[0], unit))
+    # --- shared ------------------------------------------------------------------------------
 
-    def _get(self, spec, ref, unit):
-        try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None) or e
-            raise unit_failed(spec, unit, cause, str(e)) from e  # a RayTaskError's text holds the remote traceback
+    def _failed(self, spec: StageSpec, unit: Unit, e: BaseException) -> UnitFailed:
+        cause = getattr(e, "cause", None) or e
+        return unit_failed(spec, unit, cause, str(e))  # a RayTaskError's text holds the remote traceback
+
+    def _fail_line(self, spec: StageSpec, message: str) -> str:
+        line = f"{spec.name}: {message}"
+        Ledger(spec.run_dir).fail_stage(spec.name, line)
+        return line
 
     def _fit(self, opts: dict) -> int:
         total = self.ray.cluster_resources()
@@ -167,30 +328,141 @@ class RayExecutor:
             fits.append(int(total.get("CPU", 0) // opts["num_cpus"]))
         return max(1, min(fits) if fits else 1)
 
+    def hosts(self, opts: dict) -> tuple[bool, str]:
+        """Whether some alive node can host one worker, and what the alive nodes offer."""
+        need = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"]}
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        fits = any(all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v) for n in nodes)
+        offer = "; ".join(f"{n.get('NodeManagerAddress')} CPU {n['Resources'].get('CPU', 0):g} GPU {n['Resources'].get('GPU', 0):g}" for n in nodes)
+        return fits, offer or "no alive node"
+
     def close(self) -> None:
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
 
 
-def _task(spec: StageSpec, unit: Unit) -> dict:
+class _Tries:
+    """Per-unit retry budgets: transient errors of our own code, and workers lost under it."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.transient: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
+
+    def again(self, spec: StageSpec, unit: Unit, e: BaseException) -> bool:
+        import ray
+
+        cause = getattr(e, "cause", None) or e
+        lost = isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                              ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError))  # fmt: skip
+        if lost:
+            n = self.lost[unit.id] = self.lost.get(unit.id, 0) + 1
+            if n <= self.policy.lost_retries:
+                log.warning("%s unit %s: its worker was lost (%s); running it again (%d of %d)", spec.name, unit.id, type(e).__name__, n, self.policy.lost_retries)
+                return True
+            return False
+        if is_transient(cause):
+            n = self.transient[unit.id] = self.transient.get(unit.id, 0) + 1
+            if n <= self.policy.unit_retries:
+                log.warning("%s unit %s: %s; retrying (%d of %d)", spec.name, unit.id, describe_error(cause), n, self.policy.unit_retries)
+                time.sleep(self.policy.retry_pause_s * 2 ** (n - 1))
+                return True
+        return False
+
+
+class _Placement:
+    """Ends the run when no alive node can host a worker of the stage for `placement_timeout_s`."""
+
+    def __init__(self, ex: RayExecutor, spec: StageSpec, opts: dict):
+        self.ex, self.spec, self.opts = ex, spec, opts
+        self.since: float | None = None
+        self.check(busy=False)
+
+    def progressed(self) -> None:
+        self.since = None
+
+    def check(self, busy: bool) -> None:
+        fits, offer = self.ex.hosts(self.opts)
+        if fits or busy:
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since >= self.ex.policy.placement_timeout_s:
+            need = ", ".join(f"{k} {v:g}" for k, v in (("CPU", self.opts["num_cpus"]), ("GPU", self.opts["num_gpus"])) if v)
+            raise UnitFailed(self.ex._fail_line(
+                self.spec, f"no node can run a worker (each needs {need}) for {self.ex.policy.placement_timeout_s:g} s; "
+                f"alive nodes: {offer}. Add such a node, or change {self.spec.name}'s device/gpus/cpus settings"))  # fmt: skip
+
+
+class _Progress:
+    """Items reported by running units, carried to the driver's progress bar through a small Ray queue."""
+
+    def __init__(self, ray, advance: Advance | None):
+        self.advance = advance
+        self.sink = None
+        if advance is not None:
+            from ray.util.queue import Queue
+
+            self.sink = Queue(actor_options={"num_cpus": 0})
+
+    def drain(self) -> None:
+        if self.sink is None:
+            return
+        for unit, n in self.sink.get_nowait_batch(self.sink.qsize()) if self.sink.qsize() else []:
+            self.advance(unit, n)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.drain()
+            self.sink.shutdown()
+
+
+def _reporter(sink, unit: Unit) -> Callable[[int], None] | None:
+    """A unit's `advance`, throttled to one message a second."""
+    if sink is None:
+        return None
+    state = {"n": 0, "t": time.monotonic()}
+
+    def advance(n: int) -> None:
+        state["n"] += n
+        if time.monotonic() - state["t"] >= 1.0:
+            sink.put_nowait((unit, state["n"]))
+            state["n"], state["t"] = 0, time.monotonic()
+
+    return advance
+
+
+def _creation_error(e: BaseException) -> str | None:
+    """The error a worker raised while setting up, if that is why it died."""
+    text = str(e)
+    marker = "error raised in its creation task"
+    if marker not in text:
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith("File ")), lines[-1] if lines else text)
+
+
+def _task(spec: StageSpec, unit: Unit, sink=None) -> dict:
     stage = spec.build()
     stage.setup()
-    return run_unit(stage, spec, unit)
+    return run_unit(stage, spec, unit, _reporter(sink, unit))
 
 
 class _Worker:
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: StageSpec, workers: int):
         self.spec = spec
         self.stage = spec.build()
+        self.stage.worker_count = workers
         self.stage.setup()
 
-    def run(self, unit: Unit) -> dict:
-        return run_unit(self.stage, self.spec, unit)
+    def run(self, unit: Unit, sink=None) -> dict:
+        return run_unit(self.stage, self.spec, unit, _reporter(sink, unit))
 
 
-def make_executor(kind: str, **kwargs) -> LocalExecutor | RayExecutor:
+def make_executor(kind: str, policy: Policy = Policy(), **kwargs) -> LocalExecutor | RayExecutor:
     if kind == "local":
-        return LocalExecutor()
+        return LocalExecutor(policy)
     if kind == "ray":
-        return RayExecutor(**kwargs)
+        return RayExecutor(policy=policy, **kwargs)
     raise ValueError(f"unknown executor {kind!r}: use ray or local")

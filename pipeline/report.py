@@ -8,24 +8,33 @@ from pathlib import Path
 import yaml
 
 from pipeline.rundir import Ledger
+from stages.base import write_bytes_atomic
 
 def status(run_dir: Path) -> dict:
     return {"stages": Ledger(Path(run_dir)).summary_chain()}
 
 
 def status_table(st: dict):
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="megasynth run", show_lines=False)
     for col in ("stage", "done", "units", "input", "output", "rejected", "seconds"):
         table.add_column(col, justify="right" if col not in ("stage", "rejected") else "left")
     for name, s in st["stages"].items():
-        rejected = "\n".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "-"
+        rejected = "\n".join(escape(f"{k}: {v}") for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "-"
+        if s.get("failed") and not s["done"]:
+            rejected = f"[red]failed: {escape(s['failed']['message'])}[/red]\n{rejected}"
         table.add_row(
-            name, "yes" if s["done"] else ("stale" if s.get("stale") else "no"), f"{s['units']['done']}/{s['units']['total']}", str(s["input"]),
-            str(s["output"]), rejected, f"{s['seconds']:.1f}",
+            name, _state(s), f"{s['units']['done']}/{s['units']['total']}", str(s["input"]), str(s["output"]), rejected, f"{s['seconds']:.1f}",
         )
     return table
+
+
+def _state(s: dict) -> str:
+    if s["done"]:
+        return f"reused from {s['source']}" if s.get("source") else "yes"
+    return "stale" if s.get("stale") else ("failed" if s.get("failed") else "no")
 
 
 def triplet_count(run_dir: Path) -> int:
@@ -95,7 +104,7 @@ def write_card(run_dir: Path) -> Path:
         "",
     ]
     path = out / "README.md"
-    path.write_text("\n".join(lines))
+    write_bytes_atomic(path, "\n".join(lines).encode())
     return path
 
 

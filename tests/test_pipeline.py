@@ -21,8 +21,8 @@ from pipeline import runner
 from pipeline.config import load_config
 from pipeline.rundir import RunLock
 
-STAGES = ("ingest", "embed", "mine", "annotate", "write")
-OUTPUTS = ("catalog", "embeddings", "pairs", "annotations", "triplets")
+STAGES = ("ingest", "embed", "search", "mine", "annotate", "write")
+OUTPUTS = ("catalog", "embeddings", "neighbours", "pairs", "annotations", "triplets")
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -53,9 +53,10 @@ def local_run(pipeline_config, tmp_path_factory) -> Path:
 def test_local_run_produces_readable_triplets(local_run):
     status = json.loads(cli("status", str(local_run), "--json").stdout)["stages"]
     assert list(status) == list(STAGES) and all(s["done"] for s in status.values())
-    ingest, mine, annotate, write = (status[s] for s in ("ingest", "mine", "annotate", "write"))
+    ingest, search, mine, annotate, write = (status[s] for s in ("ingest", "search", "mine", "annotate", "write"))
     assert ingest["input"] == 200 == ingest["output"] + sum(ingest["rejected"].values())
-    assert mine["input"] == 40 and mine["output"] == annotate["input"] > 0
+    assert 25 <= search["output"] <= 60 and mine["input"] == search["output"]  # about 40 queries: a share of the corpus
+    assert mine["output"] == annotate["input"] > 0 and annotate["units"]["total"] > 1 and write["units"]["total"] > 3
     assert annotate["input"] == annotate["output"] + sum(annotate["rejected"].values())
     assert annotate["output"] > 0, f"no pair survived validation: {annotate['rejected']}"
     assert write["output"] == annotate["output"]
@@ -92,9 +93,14 @@ def test_rerun_does_no_work_and_a_changed_setting_redoes_only_downstream(local_r
     runner.run(load_config(pipeline_config), run, progress=False)
     assert {s: unit_mtimes(run, s) for s in STAGES} == before
 
-    runner.run(load_config(pipeline_config, ["mine.hard_negatives=2"]), run, progress=False)
+    # a finished variant is never replaced silently: the run says what it would replace, and changes nothing
+    with pytest.raises(runner.ReplaceRefused, match=r"mine \(mine.hard_negatives: 4 -> 2\).*replace mine, annotate, write.*--reuse"):
+        runner.run(load_config(pipeline_config, ["mine.hard_negatives=2"]), run, progress=False)
+    assert {s: unit_mtimes(run, s) for s in STAGES} == before
+
+    runner.run(load_config(pipeline_config, ["mine.hard_negatives=2"]), run, progress=False, replace=True)
     after = {s: unit_mtimes(run, s) for s in STAGES}
-    assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
+    assert all(after[s] == before[s] for s in ("ingest", "embed", "search"))  # no new kNN search for a pair setting
     for stage in ("mine", "annotate", "write"):
         assert all(after[stage][u] != before[stage].get(u) for u in after[stage]), stage
     sample = json.loads((run / "triplets" / "index.jsonl").read_text().splitlines()[0])
@@ -105,9 +111,9 @@ def test_redoing_an_upstream_stage_alone_leaves_the_stages_after_it_stale(local_
     run = tmp_path / "copy"
     shutil.copytree(local_run, run)
     card = (run / "triplets" / "README.md").read_text()
-    summary = runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="ingest", progress=False)
+    summary = runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="ingest", progress=False, replace=True)
     assert summary["ingest"]["done"] and not summary["ingest"]["stale"]
-    assert all(summary[s]["stale"] and not summary[s]["done"] for s in ("embed", "mine", "annotate", "write"))
+    assert all(summary[s]["stale"] and not summary[s]["done"] for s in ("embed", "search", "mine", "annotate", "write"))
     assert (run / "triplets" / "README.md").read_text() == card  # the card still describes the triplets that exist
     status = cli("status", str(run))
     assert status.returncode == 0 and "stale" in status.stdout + status.stderr
@@ -169,7 +175,7 @@ def write_config(tmp_path: Path, pipeline_config: Path, **changes) -> Path:
         ({"embed__spaces__pattern__model": "/no/such/model"}, "embed.spaces.pattern.model: model folder /no/such/model does not exist"),
         ({"mine__k": 0}, "mine.k: Input should be greater than 0"),
         ({"mine__band": [0.9, 0.5]}, "mine.band: a band is [lo, hi]"),
-        ({"mine__kk": 3}, "mine.kk: unknown key; allowed here: spaces, k, band"),
+        ({"mine__kk": 3}, "mine.kk: unknown key; allowed here: spaces, k, queries"),
         ({"executor__kind": "spark"}, "executor.kind: Input should be 'ray' or 'local'"),
     ],
 )
