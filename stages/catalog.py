@@ -26,6 +26,7 @@ SCHEMA = pa.schema(
         ("url", pa.string()),
         ("caption", pa.string()),
         ("re_caption", pa.string()),
+        ("meta", pa.string()),  # JSON of the source fields named by corpus.keep_fields; null when none
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),  # of the image bytes: exact duplicates share it

@@ -26,7 +26,8 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from stages import catalog, embeddings
-from stages.base import Resources, Stage, StageSettings, Stats, Unit
+from stages.base import Resources, Stage, StageSettings, Stats, Unit, is_transient
+from stages.images import ImageRejected, open_image, plain_jpeg
 from stages.models.encoders import DTYPES, ImageEncoder, Pooling, TextEncoder, check_model_path, preprocess, resolve_device
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -179,9 +180,11 @@ class EmbedStage(Stage):
         """One image, read; PIL-decoded here unless nvJPEG will decode it (then its bytes)."""
         try:
             data = catalog.read_image_bytes(ref)
-        except OSError:  # the catalog said it decoded; a changed source file is the likely cause
+        except OSError as e:  # the catalog said it decoded; a changed source file is the likely cause
+            if is_transient(e):  # EIO, ESTALE, a file briefly missing: the unit is retried, the image not rejected
+                raise
             return None, "decode_error"
-        if self.nvjpeg is not None and data[:3] == JPEG_MAGIC:
+        if self.nvjpeg is not None and data[:3] == JPEG_MAGIC and plain_jpeg(data):  # others need open_image's rules
             return bytearray(data), None
         return decode_pil(data)
 
@@ -262,12 +265,11 @@ def _to_fp16(chunks: list[torch.Tensor], enc: ImageEncoder | TextEncoder) -> np.
 
 
 def decode_pil(data: bytes) -> tuple[torch.Tensor | None, str | None]:
-    """JPEG/PNG/WebP/... bytes -> uint8 RGB CHW tensor, or the rejection reason."""
+    """JPEG/PNG/WebP/... bytes -> uint8 RGB CHW tensor (opened as every stage opens images), or the rejection reason."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except Exception:  # the catalog said it decoded; a changed source file is the likely cause
-        return None, "decode_error"
+        rgb = np.asarray(open_image(data))
+    except ImageRejected as e:  # the catalog said it decoded; a changed source file is the likely cause
+        return None, e.reason
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1), None
 
 

@@ -1,29 +1,28 @@
 """ingest: a catalog of every input sample, each accepted or rejected with its reason.
 
-One unit per corpus shard. Every image is fully decoded once here, so later stages only
-see images that decode; a sample without captions keeps its image spaces.
+One unit per corpus shard; the unit carries the shard itself (kind, path, files), so a worker never
+looks it up in a listing of its own. Every image is fully decoded once here, with the same function
+(`stages.images.open_image`) every later stage opens it with, so later stages only see images that
+decode; a sample without captions keeps its image spaces. A bad sample is a catalog row with its
+reason; a transient I/O error (a shard briefly missing, EIO, ESTALE) fails the unit, to be retried.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import tarfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from stages import catalog
-from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
-from stages.corpus.readers import CorpusShard, ParquetColumns, RawSample, discover, read_shard
-
-# We bound pixels ourselves (ingest.max_pixels) before decoding, with a recorded reason.
-Image.MAX_IMAGE_PIXELS = None
+from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path, is_transient
+from stages.corpus.readers import CorpusShard, MemberLimits, ParquetColumns, RawSample, discover, is_utf8, read_shard
+from stages.images import ImageRejected, open_image
 
 
 class ParquetColumnSettings(StageSettings):
@@ -40,19 +39,30 @@ class CorpusSettings(StageSettings):
     format: Literal["auto", "webdataset", "parquet", "folder"] = "auto"
     parquet: ParquetColumnSettings = ParquetColumnSettings()
     folder_shard_size: int = Field(10_000, gt=0)
+    keep_fields: list[str] = Field(
+        ["uid"], description="fields of each sample's json (parquet: columns) kept in the catalog's `meta` column as JSON, when present"
+    )
 
 
 class IngestSettings(StageSettings):
     corpus: CorpusSettings = CorpusSettings()
     caption_fields: list[str] = ["caption", "org_caption", "alt_text"]
     re_caption_fields: list[str] = ["re_caption", "recaption"]
-    max_pixels: int = Field(64_000_000, gt=0, description="larger images are rejected (decompression bombs)")
-    min_side: int = Field(16, gt=0)
+    max_pixels: int = Field(64_000_000, gt=0, description="larger images are rejected (decompression bombs), from the header, before decoding")
+    min_side: int = Field(16, gt=0, description="images with a shorter side are rejected (too_small): no stage resizes to zero")
+    max_aspect_ratio: float | None = Field(
+        20.0, ge=1, description="longer side / shorter side above which an image is rejected (too_elongated): a strip "
+        "scaled to a model's short side would be huge; null: no limit"
+    )
+    max_caption_bytes: int = Field(64 << 10, gt=0, description="a longer caption (UTF-8; a .txt member or a json field) rejects its sample (caption_too_long)")
+    max_json_bytes: int = Field(1 << 20, gt=0, description="a larger .json member is not read; its sample is rejected (json_too_large)")
+    max_image_bytes: int = Field(256 << 20, gt=0, description="a larger image member or file is not read; its sample is rejected (image_too_large)")
     cpus: float = Field(1.0, gt=0)
 
 
 class IngestStage(Stage):
     name = "ingest"
+    reject_hint = "Check that corpus.paths points at the corpus you meant and that its format settings (corpus.parquet, ingest.*) fit it"
     Settings = IngestSettings
     settings: IngestSettings
 
@@ -79,18 +89,21 @@ class IngestStage(Stage):
             raise CorpusError(f"corpus is empty: no samples in {len(self.shards())} shard(s) of {', '.join(self.settings.corpus.paths)}")
 
     def plan(self) -> list[list[Unit]]:
-        return [[Unit(s.id, {"index": i}) for i, s in enumerate(self.shards())]]
+        return [[Unit(s.id, {"kind": s.kind, "path": s.path, "files": list(s.files)}) for s in self.shards()]]
 
     def process(self, unit: Unit) -> Stats:
-        shard = self.shards()[unit.payload["index"]]
+        p = unit.payload
+        shard = CorpusShard(unit.id, p["kind"], p["path"], tuple(p["files"]))
+        s = self.settings
+        limits = MemberLimits(image=s.max_image_bytes, json=s.max_json_bytes, text=s.max_caption_bytes)
         stats = Stats()
         rows: list[dict] = []
         seen: Counter = Counter()
         store_out = catalog.image_store_file(self.output, shard.id)
-        columns = ParquetColumns(**self.settings.corpus.parquet.model_dump())
+        columns = ParquetColumns(**self.settings.corpus.parquet.model_dump(), kept=tuple(self.settings.corpus.keep_fields))
         with atomic_path(store_out, optional=True) as store_tmp:  # no image kept: no store file
             with open(store_tmp, "wb") as store:
-                for sample in _guarded(read_shard(shard, columns), stats):
+                for sample in _guarded(read_shard(shard, columns, limits), stats):
                     stats.input += 1
                     row = self._row(shard.id, sample, seen)
                     if row["status"] == catalog.OK:
@@ -114,14 +127,16 @@ class IngestStage(Stage):
 
     def _row(self, shard: str, sample: RawSample, seen: Counter) -> dict:
         meta = sample.meta
-        caption = _first_text(meta, self.settings.caption_fields) or (sample.text or None)
+        caption, caption_error = _first_text(meta, self.settings.caption_fields)
+        re_caption, re_caption_error = _first_text(meta, self.settings.re_caption_fields)
         row = {
             "id": f"{shard}/{sample.key}",
             "shard": shard,
             "key": sample.key,
             "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
-            "caption": caption,
-            "re_caption": _first_text(meta, self.settings.re_caption_fields),
+            "caption": caption or (sample.text or None),
+            "re_caption": re_caption,
+            "meta": _kept_fields(meta, self.settings.corpus.keep_fields),
             "status": catalog.OK,
             "error": None,
         }
@@ -132,56 +147,85 @@ class IngestStage(Stage):
             error = "duplicate_key"
             row["id"] = f"{row['id']}#{seen[sample.key]}"  # ids stay unique in the catalog
         else:
+            error = sample.error or caption_error or re_caption_error or self._text_error(row)
+        unstorable = _unicode_error(row)  # always run: a row with lone surrogates could not be written at all
+        error = error or unstorable
+        if not error:
             error = self._validate(sample, row)
         if error:
             row.update(status=catalog.REJECTED, error=error, path=None, offset=None, size=None)
         return row
 
+    def _text_error(self, row: dict) -> str | None:
+        for field in ("caption", "re_caption"):
+            v = row[field]
+            if v and is_utf8(v) and len(v.encode("utf-8")) > self.settings.max_caption_bytes:
+                return "caption_too_long"
+        return None
+
     def _validate(self, sample: RawSample, row: dict) -> str | None:
         """Decode the image fully; return the rejection reason, or None and fill size and hash."""
-        if sample.error:
-            return sample.error
         if sample.image is None:
             return "no_image"
-        if len(sample.image) == 0:
-            return "empty_image"
+        s = self.settings
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(sample.image))
-                w, h = img.size
-                row.update(width=w, height=h)
-                if w * h > self.settings.max_pixels:
-                    return "too_many_pixels"
-                img.load()
-        except UnidentifiedImageError:
-            return "not_an_image"
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return "too_many_pixels"
-        except (OSError, SyntaxError, ValueError) as e:
-            return "truncated_image" if "truncated" in str(e).lower() else "decode_error"
-        if min(w, h) < self.settings.min_side:
-            return "too_small"
+            img = open_image(sample.image, max_pixels=s.max_pixels, min_side=s.min_side, max_aspect_ratio=s.max_aspect_ratio)
+        except ImageRejected as e:
+            return e.reason
+        row.update(width=img.width, height=img.height)  # as shown: EXIF orientation applied
         row["sha256"] = hashlib.sha256(sample.image).hexdigest()
         return None
 
 
 def _guarded(samples, stats: Stats):
-    """Yield samples until the shard itself breaks (truncated or corrupt file); record that as a rejection."""
+    """Yield samples until the shard itself breaks (truncated or corrupt file); record that as a rejection.
+    A transient I/O error is not a broken shard: it propagates, and the unit is retried."""
     try:
         yield from samples
     except (tarfile.TarError, OSError, EOFError, pa.ArrowException) as e:
+        if is_transient(e):
+            raise
         stats.input += 1
         stats.reject("unreadable_shard")
         stats.counters[f"unreadable_shard: {type(e).__name__}: {e}"[:200]] += 1
 
 
-def _first_text(meta: dict, fields: list[str]) -> str | None:
+def _first_text(meta: dict, fields: list[str]) -> tuple[str | None, str | None]:
+    """The first non-blank text among `fields`, or the reason the first present non-text value rejects the sample."""
     for f in fields:
         v = meta.get(f)
-        if isinstance(v, str) and v.strip():
-            return v.strip()
-    return None
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            return None, "caption_not_text"
+        if v.strip():
+            return v.strip(), None
+    return None, None
+
+
+# Text fields of a catalog row that come from the corpus; lone surrogates in any of them cannot be stored.
+_SOURCE_TEXT = ("caption", "re_caption", "url", "meta")
+_NAMES = ("id", "key", "path")
+
+
+def _unicode_error(row: dict) -> str | None:
+    """Why the row's text is not valid Unicode (then made storable: names escaped, texts dropped), if it is not."""
+    error = None
+    for f in _NAMES:
+        if isinstance(row.get(f), str) and not is_utf8(row[f]):
+            row[f] = row[f].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            error = error or "name_not_utf8"
+    for f in _SOURCE_TEXT:
+        if isinstance(row.get(f), str) and not is_utf8(row[f]):
+            row[f] = None
+            error = error or f"{f}_not_unicode"
+    return error
+
+
+def _kept_fields(meta: dict, fields: list[str]) -> str | None:
+    kept = {f: meta[f] for f in fields if meta.get(f) is not None}
+    # default=str: a parquet timestamp or decimal is kept as text rather than failing the shard
+    return json.dumps(kept, ensure_ascii=False, sort_keys=True, default=str) if kept else None
 
 
 def _has_samples(shard: CorpusShard) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import gzip
 import io
 import json
+import logging
 import os
+import tarfile
 import random
 import struct
 import zlib
@@ -19,7 +22,10 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from PIL import Image
 
+from pipeline import runner
+from pipeline.config import load_config
 from stages import catalog
+from stages.base import is_transient
 from stages.corpus.readers import CorpusError
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
 
@@ -225,7 +231,10 @@ def test_folder_of_tgz_shards_is_a_webdataset_corpus(tmp_path):
     assert rows(tmp_path)["k1"]["caption"] == "red"
 
 
-def test_folder_file_gone_after_discovery_rejects_only_that_sample(tmp_path):
+def test_folder_file_briefly_gone_fails_the_unit_for_a_retry_and_an_unreadable_one_is_rejected(tmp_path):
+    """A file listed at planning and missing when read (a shared filesystem's hiccup) is transient: the unit
+    fails, writes nothing, and succeeds once the file is back. A file that cannot be read for good is the
+    sample's rejection."""
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(3):
@@ -233,10 +242,61 @@ def test_folder_file_gone_after_discovery_rejects_only_that_sample(tmp_path):
     stage = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(root)])), {}, tmp_path / "catalog")
     stage.check()
     (unit,) = stage.plan()[0]
-    (root / "k1.jpg").unlink()  # vanished between discovery and reading
+    (root / "k1.jpg").rename(root / "away")  # vanished between planning and reading
+    with pytest.raises(OSError) as e:
+        stage.process(unit)
+    assert is_transient(e.value) and list((tmp_path / "catalog").iterdir()) == []  # no catalog, no temporary file
+    (root / "away").rename(root / "k1.jpg")
     s = stage.process(unit)
-    assert {k: r["error"] for k, r in rows(tmp_path).items()} == {"k0": None, "k1": "unreadable_file", "k2": None}
+    assert {k: r["error"] for k, r in rows(tmp_path).items()} == {"k0": None, "k1": None, "k2": None} and s.output == 3
+
+    (root / "k2.jpg").unlink()
+    (root / "k2.jpg").mkdir()  # still there, but never readable as a file (EISDIR): not transient
+    s = stage.process(unit)
+    assert {k: r["error"] for k, r in rows(tmp_path).items()} == {"k0": None, "k1": None, "k2": "unreadable_file"}
     assert s.input == 3 == s.output + sum(s.rejected.values()) and s.rejected == {"unreadable_file": 1}
+
+
+def test_a_transient_read_error_retries_the_unit_and_keeps_the_sample(tmp_path, monkeypatch, caplog):
+    """EIO once while reading a tar member, through the runner and the local executor: the unit is retried
+    and the sample is in the catalog, not rejected inside a unit marked done."""
+    tar = write_tar(tmp_path / "s.tar", [(f"k{i}.jpg", jpeg_bytes(colour=(i, 0, 0))) for i in range(3)])
+    real, failed = tarfile.TarFile.extractfile, []
+
+    def flaky(self, member):  # the disk fails once under k1, as EIO on a shared filesystem does
+        if getattr(member, "name", member) == "k1.jpg" and not failed:
+            failed.append(member)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), self.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", flaky)
+    cfg = load_config(None, ["executor.kind=local"], corpus=[str(tar)])
+    with caplog.at_level(logging.WARNING, logger="megasynth"):
+        summary = runner.run(cfg, tmp_path / "run", only="ingest", progress=False)
+    assert failed and "retrying (1 of" in caplog.text
+    assert summary["ingest"]["done"] and summary["ingest"]["output"] == 3 and not summary["ingest"]["rejected"]
+    table = catalog.read(tmp_path / "run" / "catalog", "s", ok_only=False)
+    assert table["status"].to_pylist() == ["ok"] * 3 and table["key"].to_pylist() == ["k0", "k1", "k2"]
+
+
+def test_units_carry_their_shard_whatever_the_listing_says_later(tmp_path):
+    """A worker builds its own stage: a shard added to the corpus after planning must not shift what a unit reads."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_tar(corpus / "b.tar", [("kb.jpg", jpeg_bytes()), ("kb.txt", b"from b")])
+    settings = IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "*.tar")]))
+    (unit,) = IngestStage(settings, {}, tmp_path / "catalog").plan()[0]
+    write_tar(corpus / "a.tar", [("ka.jpg", jpeg_bytes()), ("ka.txt", b"from a")])  # sorts first now
+    worker = IngestStage(settings, {}, tmp_path / "catalog")
+    worker.process(unit)
+    assert unit.id == "b" and catalog.read(tmp_path / "catalog", "b")["caption"].to_pylist() == ["from b"]
+
+
+def test_parquet_image_paths_that_do_not_exist_are_that_rows_rejection(tmp_path):
+    (tmp_path / "there.jpg").write_bytes(jpeg_bytes())
+    pq.write_table(pa.table({"key": ["a", "b"], "path": ["there.jpg", "nowhere.jpg"]}), tmp_path / "p.parquet")
+    ingest(tmp_path, [str(tmp_path / "p.parquet")], parquet={"image_path": "path"})
+    assert {k: r["error"] for k, r in rows(tmp_path).items()} == {"a": None, "b": "image_file_missing"}
 
 
 def test_duplicate_keys_are_rejected_without_decoding(tmp_path, monkeypatch):

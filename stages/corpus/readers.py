@@ -19,6 +19,8 @@ from typing import Iterator, Literal
 
 import braceexpand
 
+from stages.base import is_transient
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CorpusFormat = Literal["auto", "webdataset", "parquet", "folder"]
 
@@ -48,6 +50,25 @@ class RawSample:
 
 
 @dataclass(frozen=True)
+class MemberLimits:
+    """Bytes above which a member (or sidecar file) is not read at all and its sample is rejected."""
+
+    image: int = 256 << 20
+    json: int = 1 << 20
+    text: int = 64 << 10
+
+
+# Why a tar member that is not a regular file rejects its sample (never followed, never read).
+SPECIAL_MEMBERS = {
+    tarfile.SYMTYPE: "member_is_symlink",
+    tarfile.LNKTYPE: "member_is_hardlink",
+    tarfile.CHRTYPE: "member_is_device",
+    tarfile.BLKTYPE: "member_is_device",
+    tarfile.FIFOTYPE: "member_is_fifo",
+}
+
+
+@dataclass(frozen=True)
 class CorpusShard:
     id: str  # stable, file-name safe
     kind: Literal["webdataset", "parquet", "folder"]
@@ -73,6 +94,7 @@ class ParquetColumns:
     caption: str = "caption"
     re_caption: str = "re_caption"
     url: str = "url"
+    kept: tuple[str, ...] = ()  # further columns passed on under their own names (ingest's corpus.keep_fields)
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -160,13 +182,15 @@ def _name_shards(shards: list[tuple[str, str, tuple[str, ...]]]) -> list[CorpusS
 # --- reading one shard ----------------------------------------------------------------------
 
 
-def read_shard(shard: CorpusShard, columns: ParquetColumns = ParquetColumns()) -> Iterator[RawSample]:
+def read_shard(shard: CorpusShard, columns: ParquetColumns = ParquetColumns(), limits: MemberLimits = MemberLimits()) -> Iterator[RawSample]:
+    """The samples of one shard, in order. A transient I/O error (`stages.base.is_transient`) propagates:
+    the unit is retried, never a sample rejected for it."""
     if shard.kind == "webdataset":
-        yield from _read_tar(shard.path)
+        yield from _read_tar(shard.path, limits)
     elif shard.kind == "parquet":
-        yield from _read_parquet(shard.path, columns)
+        yield from _read_parquet(shard.path, columns, limits)
     else:
-        yield from _read_folder(shard.path, shard.files)
+        yield from _read_folder(shard.path, shard.files, limits)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -176,52 +200,103 @@ def _split_name(name: str) -> tuple[str, str]:
     return (os.path.join(directory, head) if directory else head), ext.lower()
 
 
-def _read_tar(path: str) -> Iterator[RawSample]:
+def _read_tar(path: str, limits: MemberLimits) -> Iterator[RawSample]:
     seekable = path.endswith(".tar")
     with tarfile.open(path, "r:" if seekable else "r:*") as tar:
         current: dict[str, tuple[tarfile.TarInfo, bytes]] = {}
+        problem: str | None = None  # the first reason one of the current sample's members rejects it
         current_key: str | None = None
         for info in tar:
-            if not info.isfile():
+            if info.isdir():  # a folder entry holds no sample's data
                 continue
             key, ext = _split_name(info.name)
             if key.startswith("__") or not ext:
                 continue
-            if key != current_key and current_key is not None:
-                yield _tar_sample(path, current_key, current, seekable)
-                current = {}
+            # a new key, or the same extension again (the same key twice in a row): a new sample
+            if current_key is not None and (key != current_key or ext in current):
+                yield _tar_sample(path, current_key, current, problem, seekable)
+                current, problem = {}, None
             current_key = key
+            reason = _member_problem(info, ext, limits)
+            if reason:
+                problem = problem or reason
+                current[ext] = (info, b"")
+                continue
+            if ext not in IMAGE_EXTS and ext not in ("json", "txt"):
+                continue  # not read: nothing in the catalog uses it
             f = tar.extractfile(info)
             current[ext] = (info, f.read() if f else b"")
         if current_key is not None:
-            yield _tar_sample(path, current_key, current, seekable)
+            yield _tar_sample(path, current_key, current, problem, seekable)
 
 
-def _tar_sample(path: str, key: str, members: dict, seekable: bool) -> RawSample:
-    sample = RawSample(key=key)
+def _member_problem(info: tarfile.TarInfo, ext: str, limits: MemberLimits) -> str | None:
+    """Why this member rejects its sample before any byte of it is read, if it does."""
+    if not info.isfile():
+        return SPECIAL_MEMBERS.get(info.type, "member_not_a_file")
+    if not is_utf8(info.name):
+        return "member_name_not_utf8"
+    if info.name.startswith("/") or ".." in info.name.split("/"):
+        return "unsafe_member_name"
+    return _too_large(ext, info.size, limits)
+
+
+def _too_large(ext: str, size: int, limits: MemberLimits) -> str | None:
+    if ext in IMAGE_EXTS and size > limits.image:
+        return "image_too_large"
+    if ext == "json" and size > limits.json:
+        return "json_too_large"
+    if ext == "txt" and size > limits.text:
+        return "caption_too_long"
+    return None
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` is valid Unicode: no lone surrogates (from JSON escapes, or undecodable bytes in a name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _tar_sample(path: str, key: str, members: dict, problem: str | None, seekable: bool) -> RawSample:
+    sample = RawSample(key=key, error=problem)
+    if problem:  # nothing of a rejected sample is parsed
+        return sample
     for ext in IMAGE_EXTS:
         if ext in members:
             info, data = members[ext]
             sample.image, sample.image_ext = data, ext
-            if seekable:
+            if seekable and not info.issparse():  # a sparse member's bytes are not contiguous in the tar
                 sample.location = Location(os.path.abspath(path), info.offset_data, info.size)
             break
     if "json" in members:
         sample.meta, sample.error = _parse_json(members["json"][1])
     if "txt" in members:
-        sample.text = members["txt"][1].decode("utf-8", errors="replace").strip()
+        sample.text, error = _decode_text(members["txt"][1])
+        sample.error = sample.error or error
     return sample
+
+
+def _decode_text(data: bytes) -> tuple[str | None, str | None]:
+    try:
+        return data.decode("utf-8").strip(), None
+    except UnicodeDecodeError:
+        return None, "caption_not_utf8"
 
 
 def _parse_json(data: bytes) -> tuple[dict, str | None]:
     try:
         meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except RecursionError:  # nested deeper than the interpreter's recursion limit
+        return {}, "json_too_deep"
+    except ValueError:  # not UTF-8, not JSON, or an integer of more digits than Python converts
         return {}, "invalid_json"
-    return (meta, None) if isinstance(meta, dict) else ({}, "invalid_json")
+    return (meta, None) if isinstance(meta, dict) else ({}, "json_not_object")
 
 
-def _read_parquet(path: str, cols: ParquetColumns) -> Iterator[RawSample]:
+def _read_parquet(path: str, cols: ParquetColumns, limits: MemberLimits) -> Iterator[RawSample]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -236,10 +311,13 @@ def _read_parquet(path: str, cols: ParquetColumns) -> Iterator[RawSample]:
             key = str(data[cols.key][i]) if cols.key and cols.key in data else f"{row:09d}"
             named = {"caption": cols.caption, "re_caption": cols.re_caption, "url": cols.url}  # canonical -> column
             meta = {k: data[c][i] for k, c in named.items() if c in data and data[c][i] is not None}
+            meta.update({c: data[c][i] for c in cols.kept if c in data and data[c][i] is not None and c not in meta})
             sample = RawSample(key=key, meta=meta)
             value = data[image_col][i]
             if cols.image_path:
-                sample.image, sample.image_ext, sample.location = _read_file(value, base=os.path.dirname(path))
+                sample.image, sample.image_ext, sample.location, sample.error = _read_file(
+                    value, os.path.dirname(path), limits, listed=False
+                )
             else:
                 if isinstance(value, dict):  # Hugging Face datasets' Image feature
                     value = value.get("bytes")
@@ -248,30 +326,58 @@ def _read_parquet(path: str, cols: ParquetColumns) -> Iterator[RawSample]:
             row += 1
 
 
-def _read_file(value: str | None, base: str) -> tuple[bytes | None, str | None, Location | None]:
+def _read_file(value: str | None, base: str, limits: MemberLimits, listed: bool) -> tuple[bytes | None, str | None, Location | None, str | None]:
+    """An image file's bytes, extension and location, or the reason it cannot be used.
+
+    A file that was `listed` (found at discovery) and is missing now is a transient error (a shared
+    filesystem briefly without it); a path named in a table that does not exist is that row's fault.
+    """
     if not value:
-        return None, None, None
+        return None, None, None, None
     path = value if os.path.isabs(value) else os.path.join(base, value)
+    ext = path.rsplit(".", 1)[-1].lower()
     try:
+        size = os.stat(path).st_size
+        if _too_large(ext if ext in IMAGE_EXTS else "jpg", size, limits):
+            return None, ext, None, "image_too_large"
         data = Path(path).read_bytes()
-    except OSError:
-        return None, None, None
-    return data, path.rsplit(".", 1)[-1].lower(), Location(os.path.abspath(path), 0, len(data))
+    except OSError as e:
+        if not listed and isinstance(e, FileNotFoundError):
+            return None, ext, None, "image_file_missing"
+        if is_transient(e):
+            raise
+        return None, ext, None, "unreadable_file"
+    return data, ext, Location(os.path.abspath(path), 0, len(data)), None
 
 
-def _read_folder(root: str, files: tuple[str, ...]) -> Iterator[RawSample]:
+def _read_sidecar(path: str, ext: str, limits: MemberLimits) -> tuple[bytes | None, str | None]:
+    """A folder image's `.json` or `.txt` beside it: (bytes, None), (None, None) when absent, or the reason it rejects."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return None, None
+    too_large = _too_large(ext, size, limits)
+    return (None, too_large) if too_large else (Path(path).read_bytes(), None)
+
+
+def _read_folder(root: str, files: tuple[str, ...], limits: MemberLimits) -> Iterator[RawSample]:
     for path in files:
         stem = path.rsplit(".", 1)[0]
         key = os.path.relpath(stem, root).replace(os.sep, "/")
-        image, image_ext, location = _read_file(path, base=root)
-        sample = RawSample(key=key, image=image, image_ext=image_ext, location=location)
+        image, image_ext, location, error = _read_file(path, root, limits, listed=True)
+        sample = RawSample(key=key, image=image, image_ext=image_ext, location=location, error=error)
         try:
-            if os.path.exists(stem + ".json"):
-                sample.meta, sample.error = _parse_json(Path(stem + ".json").read_bytes())
-            if os.path.exists(stem + ".txt"):
-                sample.text = Path(stem + ".txt").read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:  # a sidecar gone or unreadable: reject this sample, not the whole shard
-            sample.error = "unreadable_file"
-        if image is None:  # listed at discovery, gone or unreadable now
-            sample.error = "unreadable_file"
+            meta, meta_error = _read_sidecar(stem + ".json", "json", limits)
+            text, text_error = _read_sidecar(stem + ".txt", "txt", limits)
+        except OSError as e:
+            if is_transient(e):
+                raise
+            meta = text = None
+            meta_error = "unreadable_file"  # a sidecar unreadable: reject this sample, not the whole shard
+            text_error = None
+        if meta is not None:
+            sample.meta, meta_error = _parse_json(meta)
+        if text is not None:
+            sample.text, text_error = _decode_text(text)
+        sample.error = sample.error or meta_error or text_error
         yield sample
