@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import yaml
 
 from pipeline.rundir import Ledger
 from stages.base import write_bytes_atomic
+from stages.write import SAMPLE_MEMBERS
 
 def status(run_dir: Path) -> dict:
     return {"stages": Ledger(Path(run_dir)).summary_chain()}
@@ -46,7 +48,8 @@ def triplet_count(run_dir: Path) -> int:
 
 
 def write_card(run_dir: Path) -> Path:
-    """triplets/README.md: counts, models, settings and licence, from the run folder alone (no timestamps)."""
+    """triplets/README.md: Hub front matter, counts, models, settings and licence, from the run folder and the
+    text models' folders (no timestamps)."""
     run_dir = Path(run_dir)
     out = run_dir / "triplets"
     st = status(run_dir)["stages"]
@@ -55,21 +58,38 @@ def write_card(run_dir: Path) -> Path:
     images = sorted(p.name for p in (out / "images").glob("*.tar"))
     spaces = config["embed"]["spaces"]
     ann = config["annotate"]
+    write = config["write"]
+    writers = {role: ann[role]["model"] for role in ("describer", "instructor")}
+    toys = [f"{role} `{m}`" for role, m in writers.items() if is_toy_model(m)]
     lines = [
+        "---",
+        yaml.safe_dump(card_metadata(write, triplet_count(run_dir), sum(p.stat().st_size for p in out.glob("triplets-*.tar"))),
+                       sort_keys=False, allow_unicode=True).rstrip(),  # fmt: skip
+        "---",
+        "",
         "# megasynth triplets",
         "",
         "MegaPairs-style training triplets (query image, instruction, target image, hard negatives),",
         "synthesised by megasynth from an image-caption corpus.",
         "",
+        *(
+            [f"> **Written by toy models.** The {' and the '.join(toys)} are tiny demo models trained for minutes on the",
+             f"> demo corpus's captions (marked by `{TOY_MODEL_MARKER}` with `toy_model: true` in the model folder): the descriptions",
+             "> and instructions show the pipeline's output format, not text to train a retrieval model on.", ""]
+            if toys else []
+        ),  # fmt: skip
         "## Contents",
         "",
-        f"- triplets: {triplet_count(run_dir)} in {len(shards)} WebDataset shard(s) (`*.tar`); each sample holds",
-        "  `query.jpg`, `target.jpg`, `instructions.json` and `json` (provenance: source keys, similarity per space,",
-        "  hard negatives with scores, description, models, prompt versions).",
+        f"- triplets: {triplet_count(run_dir)} in {len(shards)} WebDataset shard(s) (`triplets-*.tar`); each sample holds",
+        "  `query.jpg`, `target.jpg`, `instructions.json` and `json` (provenance: source shard, key, url and kept fields",
+        "  (`query_meta`/`target_meta`, JSON text) of both images, similarity per space, hard negatives with scores,",
+        "  description, models, prompt versions). The types are the same in every sample and declared above, so",
+        "  `datasets.load_dataset(\"<this folder>\")` or `load_dataset(\"webdataset\", data_files=\"triplets-*.tar\")` reads them.",
         f"- images: every referenced image once, in {len(images)} shard(s) under `images/`.",
         "- `index.jsonl`: one row per triplet in MegaPairs' released format: `q_img`, `q_text` (a list; draw one per",
-        "  training step), `t_img`, `hns` (the query image first). Paths are relative to this folder once",
-        "  `images/*.tar` are extracted into `images/`.",
+        "  training step), `t_img`, `hns` (the query image first), then `q_url`, `q_meta`, `t_url`, `t_meta` (the",
+        "  corpus's url and kept fields of query and target). Paths are relative to this folder once `images/*.tar` are",
+        "  extracted into `images/`.",
         "",
         "## How it was made",
         "",
@@ -90,6 +110,13 @@ def write_card(run_dir: Path) -> Path:
         f"`{ann['instructor']['model']}` with prompt `{ann['instruct_prompt']}`, {ann['instructions_per_pair']} per pair, "
         f"{ann['demonstrations']} demonstrations per request.",
         "",
+        "The models that wrote the text:",
+        "",
+        "| role | model | licence |",
+        "|---|---|---|",
+        *(f"| {role} | `{m}`{' (toy model)' if is_toy_model(m) else ''} | {model_license(m, write['model_licenses']) or 'not stated'} |"
+          for role, m in writers.items()),  # fmt: skip
+        "",
         "The full configuration:",
         "",
         "```yaml",
@@ -98,14 +125,77 @@ def write_card(run_dir: Path) -> Path:
         "",
         "## Licence",
         "",
-        "Annotations (instructions, descriptions, provenance) are released under the MIT licence, as MegaPairs'",
-        "were. Images keep the licence of the corpus they came from (Recap-DataComp / DataComp images are",
-        "CC BY 4.0 links to third-party content); check it before redistributing.",
+        f"Annotations (instructions, descriptions, provenance): `{write['license']}` (`write.license`; MegaPairs' were MIT).",
+        f"Images, urls and captions keep the terms of the corpus they came from: `{write['source_license']}`",
+        "(`write.source_license`, as the corpus's publisher states it; the images themselves stay their owners').",
+        "Check both, and the text models' licences above, before redistributing.",
         "",
     ]
     path = out / "README.md"
     write_bytes_atomic(path, "\n".join(lines).encode())
     return path
+
+
+def card_metadata(write: dict, triplets: int, shard_bytes: int) -> dict:
+    """The card's YAML front matter: licences, the triplet shards as the only data files, every sample's typed fields.
+    A loader checks the row count; the split's bytes are the shards' (the Hub wants a number; they are close)."""
+    return {
+        "license": write["license"],
+        "source_license": write["source_license"],
+        "pretty_name": "megasynth triplets",
+        "tags": ["megasynth", "multimodal-retrieval", "synthetic", "webdataset"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "triplets-*.tar"}]}],
+        "dataset_info": {
+            "features": sample_features(),
+            "splits": [{"name": "train", "num_bytes": shard_bytes, "num_examples": triplets}],
+            "download_size": shard_bytes,
+        },
+    }
+
+
+def sample_features() -> list[dict]:
+    """A triplet sample's fields in the Hub's YAML form, in the order the `webdataset` loader yields them."""
+    members = [{"name": name, "dtype": "image"} if name.endswith(".jpg") else {"name": name, **_feature(t)} for name, t in SAMPLE_MEMBERS.items()]
+    return [*members, {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
+
+
+_DTYPES = {pa.string(): "string", pa.int64(): "int64", pa.float64(): "float64", pa.bool_(): "bool"}
+
+
+def _feature(t: pa.DataType) -> dict:
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": f.name, **_feature(f.type)} for f in t]}
+    if pa.types.is_list(t):
+        inner = _feature(t.value_type)
+        return {"list": inner.get("dtype", inner.get("struct", inner))}
+    return {"dtype": _DTYPES[t]}
+
+
+TOY_MODEL_MARKER = "demo_training.json"  # pipeline/demo_models.py writes it into each toy model's folder, with "toy_model": true
+
+
+def is_toy_model(model: str) -> bool:
+    """Whether `model` is a local folder holding one of the demo's toy models."""
+    try:
+        marker = json.loads((Path(model) / TOY_MODEL_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("toy_model") is True
+
+
+def model_license(model: str, configured: dict[str, str]) -> str | None:
+    """A text model's licence: `write.model_licenses`, else the `license` its folder's model card declares; None if neither."""
+    for name, licence in configured.items():  # a local folder may be named relative to where the run started
+        if name == model or Path(name).resolve() == Path(model):
+            return licence
+    try:
+        text = (Path(model) / "README.md").read_text()
+        front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+    except (OSError, ValueError, IndexError, yaml.YAMLError):
+        return None
+    if not isinstance(front, dict) or not front.get("license"):
+        return None
+    return str(front.get("license_name") or front["license"]) if front["license"] == "other" else str(front["license"])
 
 
 def _reasons(rejected: dict) -> str:

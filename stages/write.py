@@ -5,7 +5,8 @@
     triplets/images/{b:05d}-{n:05d}.tar     every referenced image once (query, target, hard
                                             negatives) as {image}.jpg, for the index below
     triplets/index.jsonl                    {"q_img", "q_text", "t_img", "hns"} per triplet, paths
-                                            relative to triplets/ once images/*.tar are extracted
+                                            relative to triplets/ once images/*.tar are extracted,
+                                            then the source's url and kept fields of query and target
 
 Three waves. Triplet units take about `triplets_per_unit` annotated pairs each, whatever the
 layout of the annotation files, and note which images they reference. Image units each own
@@ -34,10 +35,38 @@ from PIL import Image
 from pydantic import Field
 
 from stages import annotations, catalog, embeddings, units
-from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path
+from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path, is_transient
+from stages.images import open_image
 
 INDEX_FIELDS = ("q_img", "q_text", "t_img", "hns")
+INDEX_EXTRA_FIELDS = ("q_url", "q_meta", "t_url", "t_meta")  # source url and kept fields (`corpus.keep_fields`) of query and target
+
+# The `json` member of every triplet sample; the dataset card declares these types (a test holds every sample to them).
+PROVENANCE = pa.struct(
+    [
+        ("pair_id", pa.string()),
+        ("query_key", pa.string()),
+        ("query_shard", pa.string()),
+        ("query_url", pa.string()),
+        ("query_meta", pa.string()),  # JSON object text
+        ("target_key", pa.string()),
+        ("target_shard", pa.string()),
+        ("target_url", pa.string()),
+        ("target_meta", pa.string()),
+        ("spaces", pa.list_(pa.struct([("space", pa.string()), ("score", pa.float64())]))),
+        ("hard_negatives", pa.list_(pa.struct([("key", pa.string()), ("shard", pa.string()), ("score", pa.float64())]))),
+        ("description", pa.string()),
+        ("word_num", pa.int64()),
+        ("models", pa.struct([("describer", pa.string()), ("instructor", pa.string()),
+                              ("spaces", pa.list_(pa.struct([("space", pa.string()), ("model", pa.string())])))])),  # fmt: skip
+        ("prompt_version", pa.struct([("describe", pa.string()), ("instruct", pa.string())])),
+        ("seed", pa.int64()),
+    ]
+)
+# Members of a triplet sample, in tar order (sorted, as webdataset writes them); "jpg" members are images.
+SAMPLE_MEMBERS = {"instructions.json": pa.list_(pa.string()), "json": PROVENANCE, "query.jpg": pa.binary(), "target.jpg": pa.binary()}
 IMAGES = "images"
+CARD_ONLY = ("license", "source_license", "model_licenses")  # settings the dataset card reads; the written bytes do not depend on them
 JPEG_CACHE_BYTES = 512 << 20  # per triplets unit: encoded JPEGs kept for reuse (a query recurs in its pairs)
 
 
@@ -46,8 +75,16 @@ class WriteSettings(StageSettings):
     images_per_unit: int = Field(50_000, gt=0, description="referenced images per image unit (at most; images are shared between triplets)")
     maxcount: int = Field(10_000, gt=0, description="samples per tar shard")
     maxsize: int = Field(1_000_000_000, gt=0, description="bytes per tar shard (a shard closes once past it)")
-    image_side: int = Field(512, gt=0, description="longer side of every written image")
+    image_side: int = Field(512, gt=0, description="longer side of every written image (a smaller image keeps its size unless `upscale`)")
+    upscale: bool = Field(False, description="scale smaller images up to image_side too, as write v4 and earlier did (pixels, not detail)")
     jpeg_quality: int = Field(90, ge=1, le=100)
+    license: str = Field("mit", description="licence of the annotations (instructions, descriptions, provenance), a Hub licence id; MegaPairs' were MIT")
+    source_license: str = Field(
+        "unknown", description="licence of the corpus the images, urls and captions came from, as its publisher states it; the card repeats it"
+    )
+    model_licenses: dict[str, str] = Field(
+        {}, description="licence by describer/instructor model name, for the card where the model folder's own card does not state one"
+    )
     cpus: float = Field(1.0, gt=0)
 
 
@@ -74,12 +111,20 @@ def image_path(image_id: str) -> str:
     return f"{IMAGES}/{image_key(image_id)}.jpg"
 
 
-def encode_jpeg(img: Image.Image, side: int, quality: int) -> bytes:
-    """The JPEG every written image is: RGB, longer side scaled to `side` (bicubic), at `quality`."""
+def written_size(size: tuple[int, int], side: int, upscale: bool) -> tuple[int, int]:
+    """Width and height of a written image: longer side scaled to `side`, but never up unless `upscale`; no side below 1."""
+    scale = side / max(size)
+    if scale == 1 or (scale > 1 and not upscale):
+        return size
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def encode_jpeg(img: Image.Image, side: int, quality: int, upscale: bool = True) -> bytes:
+    """The JPEG every written image is: RGB, resized (bicubic) to `written_size`, at `quality`."""
     img = img.convert("RGB")
-    scale = side / max(img.size)
-    if scale != 1:
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+    size = written_size(img.size, side, upscale)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -119,7 +164,7 @@ class ShardedTarWriter:
 
 class WriteStage(Stage):
     name = "write"
-    version = "4"  # units sized by triplets; image shards by id hash ranges
+    version = "5"  # provenance with stable types and source url/meta, index extra fields, no upscaling by default
     Settings = WriteSettings
     settings: WriteSettings
 
@@ -127,7 +172,7 @@ class WriteStage(Stage):
         return Resources(cpus=self.settings.cpus)
 
     def reuse_key(self) -> dict:
-        return self.settings.model_dump(mode="json", exclude={"cpus"})
+        return self.settings.model_dump(mode="json", exclude={"cpus", *CARD_ONLY})
 
     def plan(self) -> list[list[Unit]]:
         counts = units.row_counts(self.inputs["annotations"], annotations.units(self.inputs["annotations"]))
@@ -167,7 +212,7 @@ class WriteStage(Stage):
         meta = catalog.lookup(
             self.inputs["catalog"],
             {r["query_id"] for r in rows} | {r["target_id"] for r in rows} | {h["id"] for r in rows for h in r["hard_negatives"]},
-            ["key", "shard", "path", "offset", "size"],
+            ["key", "shard", "path", "offset", "size", "url", "meta"],
         )
         writer = ShardedTarWriter(self.output, unit_id, self.settings.maxcount, self.settings.maxsize)
         index_rows = []
@@ -180,7 +225,9 @@ class WriteStage(Stage):
                 if q is None or t is None:
                     raise OSError("image missing from catalog")
                 q_jpg, t_jpg = jpegs.get(q, self._jpeg), jpegs.get(t, self._jpeg)
-            except OSError:
+            except OSError as e:
+                if is_transient(e):  # may pass: the unit is retried, nothing is rejected
+                    raise
                 stats.reject("image_unreadable")
                 continue
             if len(negatives) < len(r["hard_negatives"]):  # missing from the catalog: left out of the sample and the index
@@ -204,6 +251,10 @@ class WriteStage(Stage):
                         "q_text": r["instructions"],
                         "t_img": image_path(r["target_id"]),
                         "hns": [image_path(r["query_id"])] + [image_path(h["id"]) for h in negatives],
+                        "q_url": q["url"],
+                        "q_meta": _source_fields(q),
+                        "t_url": t["url"],
+                        "t_meta": _source_fields(t),
                     },
                     "images": images,
                 }
@@ -221,13 +272,20 @@ class WriteStage(Stage):
         return stats
 
     def _provenance(self, r: dict, q: dict, t: dict, negatives: list[dict], meta: dict) -> dict:
+        """The sample's `json`: the same fields and types in every sample of every run (the card declares them as
+        PROVENANCE), so readers that infer a schema from a few samples, or one declared once, read them all;
+        source fields the config keeps (`corpus.keep_fields`) vary by corpus, so they travel as JSON text."""
         return {
             "pair_id": r["pair_id"],
             "query_key": q["key"],
             "query_shard": q["shard"],
+            "query_url": q["url"],
+            "query_meta": json.dumps(_source_fields(q), ensure_ascii=False, sort_keys=True),
             "target_key": t["key"],
             "target_shard": t["shard"],
-            "spaces": {s["space"]: round(float(s["score"]), 6) for s in r["spaces"]},
+            "target_url": t["url"],
+            "target_meta": json.dumps(_source_fields(t), ensure_ascii=False, sort_keys=True),
+            "spaces": [{"space": s["space"], "score": round(float(s["score"]), 6)} for s in r["spaces"]],
             "hard_negatives": [
                 {"key": meta[h["id"]]["key"], "shard": meta[h["id"]]["shard"], "score": round(float(h["score"]), 6)} for h in negatives
             ],
@@ -238,9 +296,10 @@ class WriteStage(Stage):
             "seed": r["seed"],
         }
 
-    def _space_models(self) -> dict[str, str]:
+    def _space_models(self) -> list[dict[str, str]]:
         if not hasattr(self, "_spaces"):
-            self._spaces = {s: m["model"] for s, m in embeddings.read_manifests(self.inputs["embeddings"]).items()}
+            manifests = embeddings.read_manifests(self.inputs["embeddings"])
+            self._spaces = [{"space": s, "model": manifests[s]["model"]} for s in sorted(manifests)]
         return self._spaces
 
     def _write_images(self, bucket: int, buckets: int, notes: list[str]) -> Stats:
@@ -257,7 +316,9 @@ class WriteStage(Stage):
         for i in ordered:
             try:
                 data = self._jpeg(meta[i])
-            except (KeyError, OSError):
+            except (KeyError, OSError) as e:
+                if is_transient(e):
+                    raise
                 stats.counters["images_unreadable"] += 1
                 unwritten.append(i)
                 continue
@@ -282,7 +343,8 @@ class WriteStage(Stage):
                         released = {k: row["index"][k] for k in INDEX_FIELDS}  # MegaPairs' field order
                         if unwritten:
                             released["hns"] = self._written_hns(row, unwritten, stats)
-                        f.write(json.dumps(released, ensure_ascii=False) + "\n")
+                        extra = {k: row["index"][k] for k in INDEX_EXTRA_FIELDS}  # after the released ones: readers of those ignore them
+                        f.write(json.dumps(released | extra, ensure_ascii=False) + "\n")
                         stats.counters["index_rows"] += 1
         return stats
 
@@ -300,8 +362,9 @@ class WriteStage(Stage):
 
     def _jpeg(self, row: dict) -> bytes:
         ref = catalog.ImageRef(row["id"], row["path"], row["offset"], row["size"])
-        with Image.open(io.BytesIO(catalog.read_image_bytes(ref))) as img:
-            return encode_jpeg(img, self.settings.image_side, self.settings.jpeg_quality)
+        # oriented, RGB, transparency on white, as every stage sees it; a rejection is an OSError, counted as unreadable
+        s = self.settings
+        return encode_jpeg(open_image(catalog.read_image_bytes(ref)), s.image_side, s.jpeg_quality, upscale=s.upscale)
 
 
 class _JpegCache:
@@ -333,6 +396,11 @@ def _hash_range(bucket: int, buckets: int) -> tuple[int, int]:
     """The inclusive range of id hashes image unit `bucket` of `buckets` owns."""
     lo = bucket * 2**64 // buckets
     return lo, (bucket + 1) * 2**64 // buckets - 1
+
+
+def _source_fields(row: dict) -> dict:
+    """The corpus fields the catalog kept for an image (`corpus.keep_fields`), {} when none."""
+    return json.loads(row["meta"]) if row["meta"] else {}
 
 
 def _json_bytes(obj) -> bytes:

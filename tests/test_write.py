@@ -14,11 +14,12 @@ from PIL import Image
 from stages import annotations, catalog, embeddings, pairs
 from stages.base import Stats
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
-from stages.write import WriteSettings, WriteStage, encode_jpeg, image_key
+from stages.write import WriteSettings, WriteStage, encode_jpeg, image_key, written_size
 
 
 def annotated(tmp_path, corpus) -> list[dict]:
-    ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")])), {}, tmp_path / "catalog")
+    settings = IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")], keep_fields=["uid", "attributes"]))
+    ingest = IngestStage(settings, {}, tmp_path / "catalog")
     for u in ingest.plan()[0]:
         ingest.process(u)
     ids = catalog.read(tmp_path / "catalog", "00000", columns=["id"])["id"].to_pylist()
@@ -95,15 +96,20 @@ def test_shards_read_back_with_webdataset(tmp_path, corpus):
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     assert len(samples) == 6  # the rejected pair is not written
     ok = {r["pair_id"]: r for r in rows if r["status"] == "ok"}
+    source = {r["id"]: r for r in catalog.read(tmp_path / "catalog", "00000").to_pylist()}
     for s in samples:
         r = ok[s["__key__"]]
         assert set(s) >= {"__key__", "query.jpg", "target.jpg", "instructions.json", "json"}
         assert json.loads(s["instructions.json"]) == r["instructions"]
         meta = json.loads(s["json"])
         assert meta["query_key"] == r["query_id"].split("/")[1] and meta["target_key"] == r["target_id"].split("/")[1]
-        assert meta["spaces"] == {"caption": 0.9, "pattern": 0.85}
+        assert meta["spaces"] == [{"space": "caption", "score": 0.9}, {"space": "pattern", "score": 0.85}]
         assert [h["key"] for h in meta["hard_negatives"]] == [h["id"].split("/")[1] for h in r["hard_negatives"]]
-        assert meta["models"] == {"describer": "tiny-vlm", "instructor": "tiny-llm", "spaces": {"caption": "minilm"}}
+        assert meta["models"] == {"describer": "tiny-vlm", "instructor": "tiny-llm", "spaces": [{"space": "caption", "model": "minilm"}]}
+        for role, image_id in (("query", r["query_id"]), ("target", r["target_id"])):  # the corpus's url and kept fields
+            assert meta[f"{role}_url"] == source[image_id]["url"] and meta[f"{role}_url"].startswith("https://")
+            kept = json.loads(meta[f"{role}_meta"])
+            assert set(kept) == {"attributes"} and kept == json.loads(source[image_id]["meta"])  # the corpus has no uid
         assert meta["prompt_version"] == {"describe": "describe-v1", "instruct": "instruct-v1"}
         q = Image.open(io.BytesIO(s["query.jpg"]))
         assert max(q.size) == 128 and q.format == "JPEG"
@@ -111,12 +117,15 @@ def test_shards_read_back_with_webdataset(tmp_path, corpus):
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(index) == 6
     first = ok[samples[0]["__key__"]]
+    q, t = source[first["query_id"]], source[first["target_id"]]
     assert index[0] == {
         "q_img": f"images/{image_key(first['query_id'])}.jpg",
         "q_text": first["instructions"],
         "t_img": f"images/{image_key(first['target_id'])}.jpg",
         "hns": [f"images/{image_key(first['query_id'])}.jpg"] + [f"images/{image_key(h['id'])}.jpg" for h in first["hard_negatives"]],
-    }
+        "q_url": q["url"], "q_meta": json.loads(q["meta"]), "t_url": t["url"], "t_meta": json.loads(t["meta"]),
+    }  # fmt: skip
+    assert all(list(row)[:4] == ["q_img", "q_text", "t_img", "hns"] for row in index)  # the released fields first, in order
     # every image the index names is in the image shards, exactly once
     named = {p for row in index for p in [row["q_img"], row["t_img"], *row["hns"]]}
     members = []
@@ -246,6 +255,32 @@ def test_written_jpegs_are_encode_jpeg(tmp_path, corpus):
     assert stage._jpeg(row) == data
     img = Image.open(io.BytesIO(data))
     assert img.format == "JPEG" and max(img.size) == 96
+
+
+def test_smaller_images_keep_their_size_unless_upscale_is_set(tmp_path, corpus):
+    assert written_size((300, 200), 512, upscale=False) == (300, 200)
+    assert written_size((300, 200), 512, upscale=True) == (512, 341)
+    assert written_size((1024, 512), 512, upscale=False) == (512, 256)
+    assert written_size((8000, 2), 512, upscale=False) == (512, 1) and written_size((2, 2), 1, upscale=True) == (1, 1)
+
+    annotated(tmp_path, corpus)  # the corpus's images are 200 to 400 pixels wide
+    run_write(tmp_path, tmp_path / "kept", image_side=512)
+    run_write(tmp_path, tmp_path / "up", image_side=512, upscale=True)
+    source = {image_key(r["id"]): (r["width"], r["height"]) for r in catalog.read(tmp_path / "catalog", "00000").to_pylist()}
+    kept, up = image_members(tmp_path / "kept"), image_members(tmp_path / "up")
+    assert kept.keys() == up.keys() and kept
+    for path in kept:
+        original = source[path[len("images/") : -len(".jpg")]]
+        assert max(original) < 512 and Image.open(io.BytesIO(kept[path])).size == original
+        assert Image.open(io.BytesIO(up[path])).size == written_size(original, 512, upscale=True)
+
+
+def test_card_only_settings_leave_the_written_bytes_and_their_fingerprint_alone(tmp_path, corpus):
+    annotated(tmp_path, corpus)
+    plain = run_write(tmp_path, tmp_path / "a")
+    licensed = run_write(tmp_path, tmp_path / "b", license="cc-by-4.0", source_license="cc-by-4.0", model_licenses={"tiny-vlm": "mit"})
+    assert plain.reuse_key() == licensed.reuse_key()  # changing a licence does not redo the stage
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
 def test_units_are_sized_by_work_not_by_the_files_above(tmp_path, corpus):
