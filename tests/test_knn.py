@@ -298,3 +298,11 @@ def test_pack_round_trips():
     shard, back = unpack(labels[:3])
     assert (shard == 7).all() and (back == rows[:3]).all() and labels[3] == -1
     assert MineSettings().index == "Flat" and faiss.METRIC_INNER_PRODUCT == faiss_index.METRIC
+
+
+def test_a_cpu_and_a_gpu_faiss_wheel_together_are_refused():
+    from stages.knn import faiss_wheel_conflict
+
+    assert faiss_wheel_conflict(["numpy", "faiss-cpu"]) is None and faiss_wheel_conflict(["faiss-gpu-cu12"]) is None
+    line = faiss_wheel_conflict(["faiss-cpu", "torch", "Faiss-GPU-cu12"])
+    assert line.startswith("faiss-cpu and faiss-gpu-cu12 are installed together") and "pip uninstall -y faiss-cpu faiss-gpu-cu12" in line

@@ -45,3 +45,33 @@ torch-exact float16, qb = 8192, bb = 65536): host about 1.5 + 1.1 + 2.0 + 0.05 +
 GB, under 6 GB; device 1.5 + 0.5 + 0.1 + 1.1 GB, about 3.2 GB. On a CPU, torch-exact computes in
 float32 (b = 4, a device copy of the queries is nq x d x 4) with bb = 4096 by default.
 """
+
+from collections.abc import Iterable
+from importlib import metadata
+
+# Wheels that each install the same top-level `faiss` package: two of them overwrite each other's files.
+FAISS_WHEELS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
+
+
+def faiss_wheel_conflict(installed: Iterable[str]) -> str | None:
+    """What is wrong when more than one faiss wheel is installed (names as pip lists them), else None."""
+    found = sorted({n.lower() for n in installed} & set(FAISS_WHEELS))
+    if len(found) < 2:
+        return None
+    return (f"{' and '.join(found)} are installed together; each writes the same `faiss` package, so it may be broken: "
+            f"pip uninstall -y {' '.join(found)}, then install megasynth[cpu] or megasynth[gpu] (one of them)")  # fmt: skip
+
+
+# Before anything imports faiss: a mixed install fails here with what to do, not later with a missing symbol.
+def _installed(names: Iterable[str]) -> Iterable[str]:
+    for name in names:
+        try:
+            metadata.distribution(name)
+            yield name
+        except metadata.PackageNotFoundError:
+            pass
+
+
+_conflict = faiss_wheel_conflict(_installed(FAISS_WHEELS))
+if _conflict:
+    raise ImportError(_conflict)

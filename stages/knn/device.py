@@ -29,8 +29,9 @@ def faiss_gpu_resources():
     if faiss_gpus() == 0:
         raise ValueError(
             "mine.device=cuda with mine.backend=faiss needs faiss built with GPU support "
-            "(pip install 'megasynth[gpu]' and uninstall faiss-cpu), or set mine.device: cpu"
+            "(install megasynth[gpu] instead of megasynth[cpu]), or set mine.device: cpu"
         )
     import faiss
 
     return faiss.StandardGpuResources()
+
