@@ -153,7 +153,7 @@ class LocalExecutor:
         for unit in units:
             for attempt in range(self.policy.unit_retries + 1):
                 try:
-                    done(unit, run_unit(stage, spec, unit, (lambda n, u=unit: advance(u, n)) if advance else None))
+                    rec = run_unit(stage, spec, unit, (lambda n, u=unit: advance(u, n)) if advance else None)
                     break
                 except Exception as e:
                     if is_transient(e) and attempt < self.policy.unit_retries:
@@ -161,6 +161,7 @@ class LocalExecutor:
                         time.sleep(self.policy.retry_pause_s * 2**attempt)
                         continue
                     raise unit_failed(spec, unit, e, traceback.format_exc()) from e
+            done(unit, rec)  # outside the unit's error handling: what the driver decides is not the unit's failure
 
     def close(self) -> None:
         self._stages.clear()
@@ -199,8 +200,10 @@ class RayExecutor:
     def run(self, spec: StageSpec, units: list[Unit], done: Done, advance: Advance | None = None) -> None:
         if not units:
             return
-        res = spec.build().resources()
+        stage = spec.build()
+        res = stage.resources()
         opts = {"num_cpus": res.cpus, "num_gpus": res.gpus}
+        self._env = sent_environment(stage)
         progress = _Progress(self.ray, advance)
         try:
             if spec.cls.loads_model:
@@ -214,7 +217,7 @@ class RayExecutor:
 
     def _run_tasks(self, spec: StageSpec, units: list[Unit], opts: dict, done: Done, progress: "_Progress") -> None:
         ray = self.ray
-        task = ray.remote(_task).options(max_retries=0, retry_exceptions=False, **opts)  # retries are decided here (_Tries)
+        task = ray.remote(_task).options(max_retries=0, retry_exceptions=False, **opts, **self._env)  # retries are decided here (_Tries)
         spec_ref = ray.put(spec)
         window = self.policy.max_in_flight or max(2, 2 * self._fit(opts))
         queue = deque(units)
@@ -246,7 +249,7 @@ class RayExecutor:
     def _run_actors(self, spec: StageSpec, units: list[Unit], opts: dict, done: Done, progress: "_Progress") -> None:
         ray = self.ray
         n = min(len(units), self.actors or self._fit(opts))
-        worker = ray.remote(_Worker).options(max_restarts=0, max_task_retries=0, **opts)
+        worker = ray.remote(_Worker).options(max_restarts=0, max_task_retries=0, **opts, **self._env)
         spec_ref = ray.put(spec)
         starting: dict = {}  # ready ref -> actor, for actors not yet known to be up
         actors: list = []
@@ -341,6 +344,12 @@ class RayExecutor:
             self.ray.shutdown()
 
 
+def sent_environment(stage: Stage) -> dict:
+    """Ray options that carry the variables the stage's workers need from the driver's environment."""
+    values = {name: os.environ[name] for name in stage.environment() if name in os.environ}
+    return {"runtime_env": {"env_vars": values}} if values else {}
+
+
 class _Tries:
     """Per-unit retry budgets: transient errors of our own code, and workers lost under it."""
 
@@ -401,20 +410,23 @@ class _Progress:
     def __init__(self, ray, advance: Advance | None):
         self.advance = advance
         self.sink = None
+        self.last = 0.0
         if advance is not None:
             from ray.util.queue import Queue
 
             self.sink = Queue(actor_options={"num_cpus": 0})
 
-    def drain(self) -> None:
-        if self.sink is None:
+    def drain(self, force: bool = False) -> None:
+        """Pass on what units reported; at most twice a second, since each look is a call to the queue's actor."""
+        if self.sink is None or (not force and time.monotonic() - self.last < 0.5):
             return
+        self.last = time.monotonic()
         for unit, n in self.sink.get_nowait_batch(self.sink.qsize()) if self.sink.qsize() else []:
             self.advance(unit, n)
 
     def close(self) -> None:
         if self.sink is not None:
-            self.drain()
+            self.drain(force=True)
             self.sink.shutdown()
 
 

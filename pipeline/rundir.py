@@ -98,6 +98,7 @@ class Ledger:
         if not same:
             self._clear(stage, output, new)
         remove_stale_tmp(output)
+        remove_stale_tmp(self.stage_dir(stage) / "units")  # a record a killed worker was writing
         write_json(self.stage_dir(stage) / "stage.json", new)
 
     def reference(self, stage: str, source_root: Path, source_rec: dict, output: Path) -> None:
@@ -122,7 +123,11 @@ class Ledger:
         rec["units"] = [u.id for wave in waves for u in wave]
         write_json(self.stage_dir(stage) / "stage.json", rec)
 
-    def finish_stage(self, stage: str) -> None:
+    def finish_stage(self, stage: str, output: Path | None = None) -> None:
+        """Every unit is done, so no worker writes any more: what lost workers left half-written goes too."""
+        for folder in (self.stage_dir(stage) / "units", output):
+            if folder is not None:
+                remove_stale_tmp(folder)
         rec = self.stage_record(stage)
         rec["finished"] = time.time()
         write_json(self.stage_dir(stage) / "stage.json", rec)

@@ -24,7 +24,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.executors import Policy, StageSpec, make_executor
 from pipeline.rundir import STAGE_NAMES, Ledger, RunLock, fingerprint
 from stages.annotate import AnnotateStage
-from stages.base import Stage, Unit, write_bytes_atomic
+from stages.base import Stage, Stats, Unit, write_bytes_atomic
 from stages.embed import EmbedStage
 from stages.ingest import IngestStage
 from stages.mine import MineStage
@@ -97,7 +97,7 @@ def run(cfg: RunConfig, out: Path, only: str | None = None, progress: bool = Tru
     with RunLock(out):
         write_bytes_atomic(out / "config.yaml", dump_config(cfg).encode())
         ex = cfg.executor
-        policy = Policy(ex.unit_retries, 2.0, ex.lost_retries, ex.placement_timeout_s, ex.max_in_flight)
+        policy = Policy(ex.unit_retries, ex.retry_pause_s, ex.lost_retries, ex.placement_timeout_s, ex.max_in_flight)
         kwargs = {} if ex.kind == "local" else dict(address=ex.ray_address, num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, actors=ex.actors)
         executor = make_executor(ex.kind, policy, **kwargs)
         try:
@@ -155,10 +155,10 @@ def _run_stages(cfg: RunConfig, out: Path, only: str | None, progress: bool, reu
         rec = {"fingerprint": identity, "family": family, "scope": scope, "upstream": upstream or None,
                "settings": stage.settings.model_dump(mode="json")}  # fmt: skip
         try:
-            _run_stage(spec, stage, rec, ledger, executor, progress)
+            _run_stage(spec, stage, rec, ledger, executor, progress, cfg.executor.max_reject_share)
         except BaseException as e:
             if not isinstance(e, KeyboardInterrupt) and not (ledger.stage_record(name) or {}).get("failed"):
-                ledger.fail_stage(name, f"{name}: {type(e).__name__}: {e}")
+                ledger.fail_stage(name, str(e) if isinstance(e, RejectAlarm) else f"{name}: {type(e).__name__}: {e}")
             raise
         locations[w.output] = out / w.output
         upstream = identity
@@ -210,10 +210,16 @@ def _changes(old: dict, new: dict, prefix: str) -> list[str]:
     return out
 
 
-def _run_stage(spec: StageSpec, stage: Stage, rec: dict, ledger: Ledger, executor, progress: bool) -> None:
+def _run_stage(spec: StageSpec, stage: Stage, rec: dict, ledger: Ledger, executor, progress: bool, max_reject_share: float | None) -> None:
     waves = stage.plan()
     ledger.begin_stage(spec.name, rec, spec.output, waves)
     bar = _Bar(spec.name, waves, progress)
+    guard = _RejectGuard(spec.name, stage.reject_hint, max_reject_share)
+
+    def finished(unit: Unit, rec: dict | None) -> None:
+        bar.finished(unit, rec)
+        guard.add(rec)
+
     try:
         for i in range(len(waves)):
             if i > 0:  # later waves are planned from the outputs of earlier ones
@@ -223,12 +229,55 @@ def _run_stage(spec: StageSpec, stage: Stage, rec: dict, ledger: Ledger, executo
             todo = [u for u in waves[i] if not ledger.is_done(spec.name, u.id, spec.fingerprint)]
             for u in waves[i]:
                 if u not in todo:
-                    bar.finished(u, ledger.unit_record(spec.name, u.id))
-            executor.run(spec, todo, bar.finished, bar.advance)
+                    finished(u, ledger.unit_record(spec.name, u.id))
+            executor.run(spec, todo, finished, bar.advance)
+        guard.check(final=True)
     finally:
         bar.close()
-    ledger.finish_stage(spec.name)
+    ledger.finish_stage(spec.name, spec.output)
     stage.finish()
+
+
+class RejectAlarm(RuntimeError):
+    pass
+
+
+REJECT_CHECK_ITEMS = 200  # items a stage has seen before its reject share is judged (or all of them, if fewer)
+
+
+def reject_alarm(stage: str, hint: str | None, total: Stats, limit: float | None) -> str | None:
+    """One line when a stage whose rejects are losses rejected more than `limit` of what it saw, else None."""
+    if hint is None or limit is None or total.input == 0:
+        return None
+    rejected = sum(total.rejected.values())
+    if rejected / total.input <= limit:
+        return None
+    top = ", ".join(f"{reason} {n}" for reason, n in total.rejected.most_common(3))
+    return (f"{stage} rejected {rejected} of the first {total.input} items ({rejected / total.input:.0%}, more than "
+            f"executor.max_reject_share {limit:g}); most: {top}. {hint}")  # fmt: skip
+
+
+class _RejectGuard:
+    """Judges a stage's reject share once, on its first units (or at its end when it is small), and stops the run."""
+
+    def __init__(self, stage: str, hint: str | None, limit: float | None):
+        self.stage, self.hint, self.limit = stage, hint, limit
+        self.total = Stats()
+        self.judged = hint is None or limit is None
+
+    def add(self, rec: dict | None) -> None:
+        if self.judged or rec is None:
+            return
+        self.total += Stats.from_dict(rec)
+        if self.total.input >= REJECT_CHECK_ITEMS:
+            self.check(final=True)
+
+    def check(self, final: bool) -> None:
+        if self.judged or not final:
+            return
+        self.judged = True
+        if line := reject_alarm(self.stage, self.hint, self.total, self.limit):
+            raise RejectAlarm(line)
 
 
 class _Bar:

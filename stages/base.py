@@ -121,6 +121,8 @@ class Stage(ABC):
     #: How many workers run this stage at once; the executor sets it before `setup` (a budget such
     #: as an endpoint's total concurrency is split between them).
     worker_count: int = 1
+    #: What to check when most of the stage's input is rejected; None where rejecting is a choice (mine's band).
+    reject_hint: str | None = None
     #: Finished run folders this run may read from (`megasynth run --reuse`), e.g. for their answer caches.
     reuse_runs: tuple[Path, ...] = ()
 
@@ -151,6 +153,11 @@ class Stage(ABC):
 
     def check(self) -> None:
         """Validate settings against the world (files exist, models load) before any work; raise ValueError."""
+
+    def environment(self) -> list[str]:
+        """Names of environment variables a worker needs (e.g. an endpoint's key): sent from the driver, since a
+        cluster's workers were started elsewhere and do not share its environment."""
+        return []
 
     @abstractmethod
     def plan(self) -> list[list[Unit]]:

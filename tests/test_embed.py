@@ -14,10 +14,10 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from conftest import write_tar
-from stages import catalog, embeddings, pairs
+from stages import catalog, embeddings
 from stages.embed import EmbedSettings, EmbedStage, SpaceSettings, decode_pil
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
-from stages.mine import MineSettings, MineStage
+from test_mine import run_mine
 from stages.models.encoders import ImageEncoder, ImageTransform, TextEncoder, check_model_path
 
 
@@ -192,11 +192,7 @@ def test_embed_then_mine_when_the_first_shard_has_nothing_to_embed(tmp_path, cor
     inputs = {"catalog": cat, "embeddings": emb}
     mined = {}
     for name, extra in {"flat": {}, "ivf": {"index": "IVF2,Flat", "search_params": "nprobe=2"}}.items():
-        mine = MineStage(MineSettings(seed=0, k=4, band=(0.0, 0.9999), **extra), inputs, tmp_path / name)
-        for wave in mine.plan():
-            for u in wave:
-                mine.process(u)
-        mined[name] = sorted((r for u in pairs.units(tmp_path / name) for r in pairs.read(tmp_path / name, u)), key=lambda r: r["pair_id"])
+        mined[name] = run_mine(tmp_path / name, inputs, k=4, band=(0.0, 0.9999), **extra)[0]
     assert mined["flat"] == mined["ivf"] and mined["flat"]
     assert all(r["query_id"][0] in "bc" and r["target_id"][0] in "bc" for r in mined["flat"])
     for r in mined["flat"]:
