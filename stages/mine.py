@@ -110,7 +110,7 @@ def choose_pairs(qid: str, qhash: int | None, found: dict[int, Neighbour], s: Mi
     for target, in_band in chosen:
         negatives = sorted(
             (n for n in usable if n.ordinal != target.ordinal and n.hash != target.hash),
-            key=lambda n: (-max(n.scores.values()), n.ordinal),
+            key=lambda n: (-hardest(n)[1], n.ordinal),
         )[: s.hard_negatives]
         if len(negatives) < s.hard_negatives:
             stats.counters["pairs_short_of_hard_negatives"] += 1
@@ -121,6 +121,11 @@ def choose_pairs(qid: str, qhash: int | None, found: dict[int, Neighbour], s: Mi
     return made
 
 
+def hardest(nb: Neighbour) -> tuple[str, float]:
+    """The space where a neighbour scores highest, and that score (ties: the first space by name)."""
+    return max(sorted(nb.scores.items()), key=lambda kv: kv[1])
+
+
 class PairColumns:
     """A unit's pairs column by column, neighbours as catalog ordinals: compact until the ids are written."""
 
@@ -128,6 +133,7 @@ class PairColumns:
         self.spaces, self.width = spaces, hard_negatives
         self.query, self.target, self.negatives = array("q"), array("q"), array("q")
         self.space_scores, self.negative_scores = array("f"), array("f")
+        self.negative_spaces = array("b")  # index into `spaces` of each negative's hardest space; -1 pads
 
     def add(self, query_index: int, target: Neighbour, in_band: dict[str, float], negatives: list[Neighbour]) -> None:
         self.query.append(query_index)
@@ -135,7 +141,9 @@ class PairColumns:
         self.space_scores.extend(in_band.get(sp, math.nan) for sp in self.spaces)
         pad = self.width - len(negatives)
         self.negatives.extend([n.ordinal for n in negatives] + [-1] * pad)
-        self.negative_scores.extend([max(n.scores.values()) for n in negatives] + [math.nan] * pad)
+        hard = [hardest(n) for n in negatives]
+        self.negative_scores.extend([score for _, score in hard] + [math.nan] * pad)
+        self.negative_spaces.extend([self.spaces.index(sp) for sp, _ in hard] + [-1] * pad)
 
     def __len__(self) -> int:
         return len(self.query)
@@ -148,7 +156,7 @@ class MineStage(Stage):
     name = "mine"
     Settings = MineSettings
     settings: MineSettings
-    version = "3"  # 3: pairs chosen from stored neighbour lists
+    version = "4"  # 4: a hard negative records the space of its score
 
     def resources(self) -> Resources:
         return Resources(cpus=self.settings.cpus)
@@ -226,13 +234,14 @@ class MineStage(Stage):
         in_band = ~np.isnan(space_scores)
         space_names = pa.array(np.array(spaces, dtype=object)[np.nonzero(in_band)[1]].tolist(), pa.string())
         neg_scores = np.asarray(c.negative_scores, np.float32).reshape(n, c.width)
+        neg_spaces = np.array(spaces, dtype=object)[np.asarray(c.negative_spaces, np.int64).reshape(n, c.width)[has_neg]]
         return pa.Table.from_arrays(
             [
                 pa.array([pairs.pair_id(a, b) for a, b in zip(qids.to_pylist(), target_ids.to_pylist())], pa.string()),
                 qids,
                 target_ids,
                 _lists(in_band.sum(1), [space_names, pa.array(space_scores[in_band])], pairs.SPACE_SCORE),
-                _lists(has_neg.sum(1), [ids.slice(n), pa.array(neg_scores[has_neg])], pairs.SCORED_ID),
+                _lists(has_neg.sum(1), [ids.slice(n), pa.array(neg_scores[has_neg]), pa.array(neg_spaces.tolist(), pa.string())], pairs.SCORED_ID),
             ],
             schema=pairs.SCHEMA,
         )

@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCORED_ID = pa.struct([("id", pa.string()), ("score", pa.float32())])
+# A hard negative: `score` is its similarity in `space`, the space where it scores highest.
+SCORED_ID = pa.struct([("id", pa.string()), ("score", pa.float32()), ("space", pa.string())])
 SPACE_SCORE = pa.struct([("space", pa.string()), ("score", pa.float32())])
 SCHEMA = pa.schema(
     [
