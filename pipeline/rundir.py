@@ -103,7 +103,7 @@ class Ledger:
 
     def reference(self, stage: str, source_root: Path, source_rec: dict, output: Path) -> None:
         """This run uses `source_root`'s finished stage as it is: nothing is copied, nothing there changes."""
-        new = {k: source_rec.get(k) for k in ("fingerprint", "family", "scope", "upstream", "settings")}
+        new = {k: source_rec.get(k) for k in ("fingerprint", "family", "scope", "upstream", "settings", "resources")}
         new.update(source=str(Path(source_root).resolve()), units=[], started=time.time(), finished=time.time(), failed=None)
         old = self.stage_record(stage)
         if old is None or not old.get("source"):

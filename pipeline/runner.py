@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -135,7 +135,8 @@ def _run_stages(cfg: RunConfig, out: Path, only: str | None, progress: bool, reu
         found = _finished(stage, family, scope, (out, *reuse))
         if found is not None:
             holder, rec = found
-            if holder != ledger.source(name) or ledger.stage_record(name) is None:
+            here = ledger.stage_record(name)
+            if holder != ledger.source(name) or here is None or here.get("fingerprint") != rec["fingerprint"]:  # e.g. the source redid it
                 _guard(ledger, name, stage, rec["fingerprint"], replace)
                 ledger.reference(name, holder, rec, out / w.output)
                 log.info("%s: reusing the finished stage of %s", name, holder)
@@ -153,7 +154,7 @@ def _run_stages(cfg: RunConfig, out: Path, only: str | None, progress: bool, reu
         _guard(ledger, name, stage, identity, replace)
         spec = StageSpec(type(stage), stage.settings, stage.inputs, stage.output, identity, out, reuse)
         rec = {"fingerprint": identity, "family": family, "scope": scope, "upstream": upstream or None,
-               "settings": stage.settings.model_dump(mode="json")}  # fmt: skip
+               "settings": stage.settings.model_dump(mode="json"), "resources": asdict(stage.resources())}  # fmt: skip
         try:
             _run_stage(spec, stage, rec, ledger, executor, progress, cfg.executor.max_reject_share)
         except BaseException as e:

@@ -54,7 +54,7 @@ PROVENANCE = pa.struct(
         ("target_url", pa.string()),
         ("target_meta", pa.string()),
         ("spaces", pa.list_(pa.struct([("space", pa.string()), ("score", pa.float64())]))),
-        ("hard_negatives", pa.list_(pa.struct([("key", pa.string()), ("shard", pa.string()), ("score", pa.float64())]))),
+        ("hard_negatives", pa.list_(pa.struct([("key", pa.string()), ("shard", pa.string()), ("space", pa.string()), ("score", pa.float64())]))),
         ("description", pa.string()),
         ("word_num", pa.int64()),
         ("models", pa.struct([("describer", pa.string()), ("instructor", pa.string()),
@@ -164,7 +164,7 @@ class ShardedTarWriter:
 
 class WriteStage(Stage):
     name = "write"
-    version = "5"  # provenance with stable types and source url/meta, index extra fields, no upscaling by default
+    version = "6"  # 6: each hard negative says the space of its score; 5: stable provenance types, source url/meta, no upscaling
     Settings = WriteSettings
     settings: WriteSettings
 
@@ -287,7 +287,8 @@ class WriteStage(Stage):
             "target_meta": json.dumps(_source_fields(t), ensure_ascii=False, sort_keys=True),
             "spaces": [{"space": s["space"], "score": round(float(s["score"]), 6)} for s in r["spaces"]],
             "hard_negatives": [
-                {"key": meta[h["id"]]["key"], "shard": meta[h["id"]]["shard"], "score": round(float(h["score"]), 6)} for h in negatives
+                {"key": meta[h["id"]]["key"], "shard": meta[h["id"]]["shard"], "space": h.get("space"), "score": round(float(h["score"]), 6)}
+                for h in negatives
             ],
             "description": r["description"],
             "word_num": r["word_num"],

@@ -183,7 +183,8 @@ def test_sample_page_shows_random_triplets(local_run, tmp_path):
     r = cli("sample", str(local_run), "-n", "3", "--out", str(tmp_path / "s.html"))
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "s.html").read_text()
-    assert page.count('<div class="t">') == 3 and page.count("data:image/jpeg;base64,") == 6
+    assert page.count('<div class="t">') == 3 and page.count('alt="query"') == page.count('alt="target"') == 3
+    assert page.count('alt="hard negative"') == 12  # four per triplet, as thumbnails
     assert page.count("<li>") == 9
 
 
