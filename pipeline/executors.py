@@ -195,6 +195,8 @@ class RayExecutor:
         self.ray = ray
         self.actors = actors
         self.policy = policy
+        self._env: dict = {}
+        self._engine = 0
         self._owns = start_ray(address, num_cpus, num_gpus)
 
     def run(self, spec: StageSpec, units: list[Unit], done: Done, advance: Advance | None = None) -> None:
@@ -204,6 +206,7 @@ class RayExecutor:
         res = stage.resources()
         opts = {"num_cpus": res.cpus, "num_gpus": res.gpus}
         self._env = sent_environment(stage)
+        self._engine = res.engine_gpus
         progress = _Progress(self.ray, advance)
         try:
             if spec.cls.loads_model:
@@ -254,10 +257,25 @@ class RayExecutor:
         starting: dict = {}  # ready ref -> actor, for actors not yet known to be up
         actors: list = []
 
+        groups: dict = {}  # actor -> the placement group reserving its engine's GPUs
+
         def start() -> None:
-            a = worker.remote(spec_ref, n)
+            if self._engine:  # the engine's own Ray workers land in the group's bundles, one GPU each
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                pg = ray.util.placement_group(engine_bundles(opts["num_cpus"], self._engine), strategy="PACK")
+                a = worker.options(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_capture_child_tasks=True)).remote(spec_ref, n)  # fmt: skip
+                groups[a] = pg
+            else:
+                a = worker.remote(spec_ref, n)
             actors.append(a)
             starting[a.__ray_ready__.remote()] = a
+
+        def retire(a) -> None:
+            ray.kill(a)
+            if a in groups:
+                ray.util.remove_placement_group(groups.pop(a))
 
         for _ in range(n):
             start()
@@ -296,7 +314,7 @@ class RayExecutor:
                 except ray.exceptions.RayError as e:
                     if isinstance(e, ray.exceptions.RayActorError):  # the worker is gone: replace it
                         actors.remove(a)
-                        ray.kill(a)
+                        retire(a)
                         start()
                     else:
                         free.append(a)
@@ -309,7 +327,7 @@ class RayExecutor:
                 done(u, rec)
         finally:
             for a in actors:
-                ray.kill(a)
+                retire(a)
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -324,6 +342,8 @@ class RayExecutor:
 
     def _fit(self, opts: dict) -> int:
         total = self.ray.cluster_resources()
+        if self._engine:
+            return max(1, int(total.get("GPU", 0) // self._engine))
         fits = []
         if opts["num_gpus"]:
             fits.append(int(total.get("GPU", 0) // opts["num_gpus"]))
@@ -332,16 +352,31 @@ class RayExecutor:
         return max(1, min(fits) if fits else 1)
 
     def hosts(self, opts: dict) -> tuple[bool, str]:
-        """Whether some alive node can host one worker, and what the alive nodes offer."""
-        need = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"]}
+        """Whether the alive nodes can host one worker, and what they offer."""
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
-        fits = any(all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v) for n in nodes)
+        fits = can_host([n["Resources"] for n in nodes], opts["num_cpus"], opts["num_gpus"], self._engine)
         offer = "; ".join(f"{n.get('NodeManagerAddress')} CPU {n['Resources'].get('CPU', 0):g} GPU {n['Resources'].get('GPU', 0):g}" for n in nodes)
         return fits, offer or "no alive node"
 
     def close(self) -> None:
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def engine_bundles(cpus: float, gpus: int) -> list[dict]:
+    """A worker whose engine spreads over `gpus` GPUs (vLLM tensor parallel): one GPU per bundle, where the
+    engine puts one of its Ray workers; the first bundle also holds the worker's own CPUs."""
+    return [{"GPU": 1, "CPU": max(cpus, 1)}] + [{"GPU": 1, "CPU": 1} for _ in range(gpus - 1)]
+
+
+def can_host(nodes: list[dict], cpus: float, gpus: float, engine_gpus: int = 0) -> bool:
+    """Whether nodes with these resources can host one worker: on one node, or an engine's bundles packed
+    over several."""
+    if engine_gpus:
+        bundles = engine_bundles(cpus, engine_gpus)
+        return sum(n.get("GPU", 0) for n in nodes) >= engine_gpus and sum(n.get("CPU", 0) for n in nodes) >= sum(b["CPU"] for b in bundles)
+    need = {"CPU": cpus, "GPU": gpus}
+    return any(all(n.get(k, 0) >= v for k, v in need.items() if v) for n in nodes)
 
 
 def sent_environment(stage: Stage) -> dict:

@@ -56,6 +56,9 @@ class Resources:
 
     cpus: float = 1.0
     gpus: float = 0.0
+    #: GPUs an engine inside the worker spreads over (vLLM tensor parallel): reserved together as a placement
+    #: group whose bundles the engine's own Ray workers use; the worker itself then asks for none.
+    engine_gpus: int = 0
 
     @classmethod
     def of(cls, cpus: float, gpus: float | None, on_gpu: bool) -> "Resources":

@@ -176,3 +176,24 @@ def test_a_unit_no_node_can_host_ends_the_run_with_one_line(cluster, pipeline_co
     from pipeline.rundir import Ledger
 
     assert "no node can run a worker" in Ledger(tmp_path / "run").summary("embed")["failed"]["message"]
+
+
+def test_an_endpoint_key_set_only_on_the_driver_reaches_the_workers(cluster, local_run, pipeline_config, text_models, tmp_path, monkeypatch):
+    """The nodes were started before the key was set: only the driver has it, as on a cluster started elsewhere."""
+    from openai_server import Fault, OpenAIServer, load_generators
+
+    served = load_generators({"describer": (str(text_models["describer"]), True), "instructor": (str(text_models["instructor"]), False)})
+    monkeypatch.setenv("MEGASYNTH_CLUSTER_KEY", "sk-cluster-5f0e")
+    with OpenAIServer(served, api_key="sk-cluster-5f0e") as srv:
+        endpoint = {"backend": "openai", "base_url": srv.base_url, "api_key_env": "MEGASYNTH_CLUSTER_KEY", "max_new_tokens": 100}
+        cfg = load_config(pipeline_config, [f"executor.ray_address={cluster.address}", "executor.kind=ray", "mine.queries=8",
+                                            "mine.pairs_per_query=1"],  # fmt: skip
+                          patch={"annotate": {"describer": {**endpoint, "model": "describer"}, "instructor": {**endpoint, "model": "instructor"}}})
+        srv.inject(Fault("503"))  # one retry, logged by a worker on another node
+        summary = runner.run(cfg, tmp_path / "run", progress=False, reuse=(local_run,))
+    assert summary["search"]["source"] == str(local_run)  # the earlier search covers this smaller sample
+    assert summary["annotate"]["done"] and summary["annotate"]["input"] > 0
+    assert all(status != 401 for _, status, *_ in srv.state.log)  # every request carried the key
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "_state" / "annotate" / "logs").glob("*.log"))
+    assert "retrying" in logs and " pid " in logs  # what the worker logged is in the run folder, with its host and pid
+
