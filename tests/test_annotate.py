@@ -11,11 +11,12 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from stages import annotations, catalog, pairs
 from stages.annotate import AnnotateSettings, AnnotateStage
 from stages.annotation.backends import (
-    BackendError, ChatRequest, OpenAISettings, PerRequestSampler, TransformersSettings, VLLMSettings, make_generator,
+    BackendError, ChatRequest, Failed, OpenAISettings, PerRequestSampler, TransformersSettings, VLLMSettings, make_generator,
 )  # fmt: skip
 from stages.annotation.cache import AnswerCache, request_key
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
@@ -59,9 +60,9 @@ def test_cache_keys_and_round_trip(tmp_path):
     assert k != request_key("describe", g, ChatRequest("describe", r.images, seed=2))
     assert k != request_key("describe", {**g, "temperature": 0.5}, r)
     assert k != request_key("instruct", g, r)
-    cache = AnswerCache(tmp_path / "c.sqlite")
+    cache = AnswerCache(tmp_path / "cache")
     cache.put_many({k: "an answer"})
-    assert AnswerCache(tmp_path / "c.sqlite").get_many([k, "missing"]) == {k: "an answer"}
+    assert AnswerCache(tmp_path / "cache").get_many([k, "f" * 64]) == {k: "an answer"}
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,14 @@ def pair_inputs(tmp_path_factory, corpus):
     return tmp
 
 
-def annotate(tmp, models, out, **kw) -> tuple:
+def annotate(tmp, models, out, reuse=(), **kw) -> tuple:
     settings = AnnotateSettings(
         describer=TransformersSettings(model=str(models["describer"]), device="cpu", batch_size=8, max_new_tokens=120),
         instructor=TransformersSettings(model=str(models["instructor"]), device="cpu", batch_size=8, max_new_tokens=100),
         seed=0, **kw,
     )  # fmt: skip
     stage = AnnotateStage(settings, {"catalog": tmp / "catalog", "pairs": tmp / "pairs", "cache": tmp / f"cache-{out}"}, tmp / out)
+    stage.reuse_runs = tuple(reuse)
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
     return stats, annotations.read(tmp / out, "pairs-00000", ok_only=False)
@@ -119,13 +121,39 @@ def test_untrained_models_are_rejected_not_written(pair_inputs, corpus, tmp_path
 
 def test_a_rerun_answers_from_the_cache(pair_inputs, text_models):
     _, first = annotate(pair_inputs, text_models, "a3")
-    db = pair_inputs / "cache-a3" / "annotate.sqlite"
+    folder = pair_inputs / "cache-a3"
     n = pq.read_table(pair_inputs / "a3" / "pairs-00000.parquet").num_rows
-    entries = AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    entries = len(AnswerCache(folder))
     assert n == 9 and entries >= 8
     _, second = annotate(pair_inputs, text_models, "a3")
     assert second == first
-    assert AnswerCache(db).db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == entries
+    assert len(AnswerCache(folder)) == entries
+
+
+def test_answers_of_reused_runs_are_read_there_and_never_written(pair_inputs, text_models, tmp_path):
+    """`megasynth run --reuse OTHER`: a pair annotated there is not annotated again here."""
+    _, first = annotate(pair_inputs, text_models, "a3")
+    there = pair_inputs / "cache-a3" / "answers"
+    files = {p.name: p.read_bytes() for p in there.iterdir()}
+    other = tmp_path / "other-run"  # its config put its cache elsewhere: the reader follows it
+    other.mkdir()
+    (other / "config.yaml").write_text(yaml.safe_dump({"annotate": {"cache_dir": str(pair_inputs / "cache-a3")}}))
+    _, again = annotate(pair_inputs, text_models, "a4", reuse=[other])
+    assert again == first
+    assert not list((pair_inputs / "cache-a4" / "answers").iterdir())  # nothing was generated here
+    assert {p.name: p.read_bytes() for p in there.iterdir()} == files
+
+
+def test_one_bad_prompt_fails_only_its_request_in_a_batch(text_models):
+    """The tokenizer refuses a lone surrogate for the whole batch; the batch is split until the bad request is alone."""
+    gen = make_generator(TransformersSettings(model=str(text_models["instructor"]), device="cpu", batch_size=4, max_new_tokens=20), vision=False)
+    good = [ChatRequest(f"Description: the query image and the target image show {w}.\nInstructions:", (), seed=i)
+            for i, w in enumerate(["cats", "a rocket", "coffee"])]  # fmt: skip
+    bad = ChatRequest("Description: a caption with a lone surrogate \udc80.\nInstructions:", (), seed=9)
+    answers = gen.generate([good[0], bad, good[1], good[2]])
+    assert answers[1] == Failed("bad_prompt") and [answers[0], *answers[2:]] == gen.generate(good)
+    with pytest.raises(TypeError):  # every request of the call refused: the backend's fault, not a prompt's
+        gen.generate([bad, bad])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install 'megasynth[vllm]')")
@@ -193,7 +221,7 @@ def test_a_backend_lost_mid_unit_costs_at_most_the_chunk_in_flight(pair_inputs, 
         srv.state.budget["instructor"] = blocks[1]  # the instructor is gone after the first chunk's answers
         with pytest.raises(BackendError):
             run(srv, "chunked")
-        cached = AnswerCache(tmp_path / "cache-chunked" / "annotate.sqlite").db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        cached = len(AnswerCache(tmp_path / "cache-chunked"))
         assert cached == blocks[0] + blocks[1] + blocks[2]  # two chunks described, the first instructed
 
         srv.state.budget.clear()

@@ -9,7 +9,8 @@ answer cache all agree.
 - `transformers`: the model runs in the worker; batched `generate`, requests sorted by
   length, left padding, per-request sampling.
 - `openai`: any OpenAI-compatible chat-completions endpoint (vLLM serve, SGLang, TGI, a
-  hosted API), with bounded concurrency, timeouts and retries.
+  hosted API), with concurrency bounded across all workers, a deadline per request, capped
+  retries, and credentials kept out of every file and log.
 - `vllm`: vLLM's offline engine inside the worker (continuous batching, tensor parallelism).
 """
 
@@ -20,15 +21,19 @@ import base64
 import collections
 import email.utils
 import io
+import ipaddress
+import json
 import logging
 import os
 import random
+import re
 import time
+import urllib.parse
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol, Union
+from typing import Annotated, Callable, Literal, Protocol, Union
 
 from PIL import Image
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, field_serializer, field_validator, model_validator
 
 from stages.base import StageError, StageSettings
 
@@ -94,17 +99,46 @@ class TransformersSettings(_Common):
 
 class OpenAISettings(_Common):
     backend: Literal["openai"]
-    base_url: str = Field(description="e.g. http://localhost:8000/v1")
+    base_url: str = Field(description="e.g. http://localhost:8000/v1; credentials in it (user:password@, ?key=) are "
+                                      "sent but never written out: configs, ledger, logs and the card show ***")
     api_key_env: str | None = Field(None, description="name of the environment variable holding the key (never the key)")
-    max_concurrency: int = Field(16, gt=0)
-    timeout_s: float = Field(120.0, gt=0, description="per request")
+    allow_plain_http_key: bool = Field(False, description="send the key or credentials over plain http:// to a host that "
+                                                          "is not this machine (anyone on the path can read them)")
+    max_concurrency: int = Field(16, gt=0, description="requests in flight to this endpoint from all annotate workers "
+                                                       "together (split evenly between them, at least one each)")
+    timeout_s: float = Field(120.0, gt=0, description="deadline of one request, whole: connecting, sending, waiting "
+                                                      "and reading the full answer (a server trickling bytes is cut off)")
     max_retries: int = Field(6, ge=0, description="on 429, 5xx, timeouts and connection errors")
     backoff_s: float = Field(1.0, ge=0, description="first wait; doubles per retry unless the server sends Retry-After")
+    max_retry_after_s: float = Field(120.0, ge=0, description="longest wait a server's Retry-After is obeyed for; a "
+                                                              "longer one waits this long")
     image_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the images sent as data URLs")
 
+    @field_validator("base_url")
+    @classmethod
+    def _is_http_url(cls, v: str) -> str:
+        try:
+            parts = urllib.parse.urlsplit(v)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"not a URL ({e})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{redact_url(v)!r} is not an http:// or https:// URL with a host")
+        return v
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> "OpenAISettings":
+        if self.api_key_env and urllib.parse.urlsplit(self.base_url).password is not None:
+            raise ValueError("base_url holds a password and api_key_env names a key: both would be the Authorization header; use one")
+        return self
+
+    @field_serializer("base_url")
+    def _redacted(self, v: str) -> str:
+        return redact_url(v)  # every dump (config copy, ledger, card) is written without the credentials
+
     def answer_fingerprint(self) -> dict:
-        # the same served model name on another server may be another model, precision or version
-        return {**super().answer_fingerprint(), "base_url": self.base_url.rstrip("/"), "image_quality": self.image_quality}
+        # the same served model name on another server may be another model, precision or version; credentials are not part of it
+        return {**super().answer_fingerprint(), "base_url": redact_url(self.base_url).rstrip("/"), "image_quality": self.image_quality}
 
 
 class VLLMSettings(_Common):
@@ -136,8 +170,11 @@ GeneratorSettings = Annotated[
 ]
 
 
-def make_generator(settings, vision: bool) -> Generator:
-    return {"transformers": TransformersGenerator, "openai": OpenAIGenerator, "vllm": VLLMGenerator}[settings.backend](settings, vision)
+def make_generator(settings, vision: bool, workers: int = 1) -> Generator:
+    """The backend for `settings`; `workers`: how many of the stage's workers run at once (they share an endpoint's concurrency)."""
+    if settings.backend == "openai":
+        return OpenAIGenerator(settings, vision, workers)
+    return {"transformers": TransformersGenerator, "vllm": VLLMGenerator}[settings.backend](settings, vision)
 
 
 def gpus_needed(settings) -> float:
@@ -177,6 +214,34 @@ def chat_payload(settings: OpenAISettings, req: ChatRequest) -> dict:
         "top_p": settings.top_p,
         "seed": req.seed,
     }
+
+
+# --- one bad prompt fails only its request ----------------------------------------------------
+
+# What a tokenizer, processor or engine raises for a request it cannot take (a lone surrogate, a
+# prompt past the model's length), as opposed to the backend being broken.
+PROMPT_ERRORS = (ValueError, TypeError)
+
+
+def isolate_failures(generate: Callable[[list], list[Answer]], requests: list, errors: list[BaseException]) -> list[Answer]:
+    """`generate(requests)`; when it raises a prompt error, the halves are tried in turn until each request
+    that fails alone gets `Failed("bad_prompt")` (its error appended to `errors`), so one bad prompt costs its
+    pair, not the batch. Answers do not depend on the batch (per-request seeds), so splitting changes none."""
+    try:
+        return generate(requests)
+    except PROMPT_ERRORS as e:
+        if len(requests) > 1:
+            mid = len(requests) // 2
+            return isolate_failures(generate, requests[:mid], errors) + isolate_failures(generate, requests[mid:], errors)
+        errors.append(e)
+        log.warning("a request the backend cannot take (its pair is rejected as bad_prompt): %s: %s", type(e).__name__, e)
+        return [Failed("bad_prompt")]
+
+
+def raise_if_backend_at_fault(requests: list, errors: list[BaseException]) -> None:
+    """A prompt error from every request of a call of several is the backend's fault, not the prompts': raise the first."""
+    if len(requests) > 1 and len(errors) == len(requests):
+        raise errors[0]
 
 
 # --- transformers ------------------------------------------------------------------------------
@@ -247,13 +312,18 @@ class TransformersGenerator:
 
     def generate(self, requests: list[ChatRequest]) -> list[Answer]:
         prompts = [self._prompt(r) for r in requests]
+
+        def one_batch(idx: list[int]) -> list[Answer]:
+            return self._generate_batch([prompts[i] for i in idx], [requests[i] for i in idx])
+
         order = sorted(range(len(requests)), key=lambda i: (len(prompts[i]), i))  # less padding per batch
+        batches = [order[s : s + self.settings.batch_size] for s in range(0, len(order), self.settings.batch_size)]
         out: list[Answer] = [""] * len(requests)
-        bs = self.settings.batch_size
-        for s in range(0, len(order), bs):
-            idx = order[s : s + bs]
-            for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], [requests[i] for i in idx])):
-                out[i] = text
+        errors: list[BaseException] = []
+        for idx in batches:
+            for i, answer in zip(idx, isolate_failures(one_batch, idx, errors)):
+                out[i] = answer
+        raise_if_backend_at_fault(requests, errors)
         return out
 
     def _generate_batch(self, prompts: list[str], requests: list[ChatRequest]) -> list[str]:
@@ -281,76 +351,192 @@ class TransformersGenerator:
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
+# Query parameters that carry a secret (?key=, ?api-key=, ?token=, ?sig=...): redacted wherever a URL is shown.
+SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its user:password@ and secret query values replaced by ***; unchanged when it has none."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(SECRET_PARAM.search(k) for k, _ in pairs):
+        query = "&".join(f"{urllib.parse.quote(k)}=***" if SECRET_PARAM.search(k) else urllib.parse.urlencode({k: v}) for k, v in pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def sends_secret_in_clear(settings: OpenAISettings) -> bool:
+    """Whether a key or credentials would cross a network unencrypted: plain http:// to a host that is not this machine."""
+    parts = urllib.parse.urlsplit(settings.base_url)
+    secret = settings.api_key_env is not None or parts.username is not None or redact_url(settings.base_url) != settings.base_url
+    return secret and parts.scheme == "http" and not is_loopback(parts.hostname)
+
+
+def concurrency_share(total: int, workers: int) -> int:
+    """Requests one worker keeps in flight so that `workers` of them together stay within `total` (at least one each)."""
+    return max(1, total // max(1, workers))
+
+
+def check_transport(settings: OpenAISettings) -> None:
+    """Refuse to send a key in clear text unless the settings allow it; raises ValueError."""
+    if sends_secret_in_clear(settings) and not settings.allow_plain_http_key:
+        raise ValueError(f"base_url: {redact_url(settings.base_url)} is plain http:// to another machine, and the key would "
+                         f"cross the network unencrypted: use https://, or set allow_plain_http_key: true on a trusted network")  # fmt: skip
+
+
+class _RedactURLs(logging.Filter):
+    """httpx logs every request's URL at INFO; secrets in its query must not reach any log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_url(str(a)) if type(a).__name__ == "URL" else a for a in record.args)
+        return True
+
+
+_REDACT_URLS = _RedactURLs()
+
+
+def _connection(settings: OpenAISettings) -> tuple[Callable[[str], str], object, dict]:
+    """URLs of the endpoint's routes, without user:password (httpx would log them); the basic auth they become; the headers."""
+    import httpx
+
+    logging.getLogger("httpx").addFilter(_REDACT_URLS)  # a no-op when it is already there
+    parts = urllib.parse.urlsplit(settings.base_url)
+    auth = None
+    if parts.username is not None:
+        auth = httpx.BasicAuth(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+
+    def route(name: str) -> str:  # a query in base_url (?api-version=...) stays after the route
+        return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+    key = api_key(settings)
+    return route, auth, ({"Authorization": f"Bearer {key}"} if key else {})
+
 
 class OpenAIGenerator:
-    """Chat completions over HTTP with bounded concurrency; retries honour Retry-After, then back off exponentially."""
+    """Chat completions over HTTP with bounded concurrency; retries honour Retry-After (capped), then back off exponentially."""
 
-    def __init__(self, settings: OpenAISettings, vision: bool):
+    def __init__(self, settings: OpenAISettings, vision: bool, workers: int = 1):
+        route, self._auth, self._headers = _connection(settings)
+        check_transport(settings)
         self.settings, self.model_name = settings, settings.model
-        self._key = api_key(settings)
-        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        self.where = redact_url(settings.base_url)  # how the endpoint is named in errors and logs
+        self.url = route("chat/completions")
+        self.concurrency = concurrency_share(settings.max_concurrency, workers)
+        if workers > settings.max_concurrency:
+            log.warning("%s: %d workers share max_concurrency=%d; each keeps one request in flight, %d in all",
+                        self.where, workers, settings.max_concurrency, workers)  # fmt: skip
 
     def generate(self, requests: list[ChatRequest]) -> list[Answer]:
         return asyncio.run(self._all(requests))
 
     async def _all(self, requests: list[ChatRequest]) -> list[Answer]:
-        """`max_concurrency` workers, each on its own keep-alive connection, take requests in turn.
+        """`concurrency` workers, each on its own keep-alive connection, take requests in turn.
 
         One client per connection rather than one shared pool: httpcore's pool scans every
         connection for every request, which at 64 connections costs more CPU than the requests.
+        A request that gives up stops the taking of new ones; once those in flight end, it is
+        judged: if the server answered others after its trouble began, the trouble is that
+        request's (its pair fails) and the rest go on; else the server is: BackendError.
         """
         import httpx
 
         s = self.settings
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         answers: list[Answer | None] = [None] * len(requests)
         todo = collections.deque(enumerate(requests))
         tls = httpx.create_ssl_context()  # built once: each client would otherwise load the CA store again (~25 ms)
+        self._last_answer = float("-inf")  # when a request of this call last got an answer (monotonic)
 
-        async def worker() -> None:
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            async with httpx.AsyncClient(headers=headers, timeout=s.timeout_s, limits=limits, verify=tls) as client:
-                while todo:
-                    i, req = todo.popleft()
-                    answers[i] = await self._request(client, req)
+        while todo:
+            gave_up: dict[int, _GaveUp] = {}
 
-        await asyncio.gather(*(worker() for _ in range(min(s.max_concurrency, len(requests)))))
+            async def worker() -> None:
+                limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                async with httpx.AsyncClient(headers=self._headers, auth=self._auth, timeout=s.timeout_s, limits=limits, verify=tls) as client:
+                    while todo and not gave_up:
+                        i, req = todo.popleft()
+                        answer = await self._request(client, req)
+                        if isinstance(answer, _GaveUp):
+                            gave_up[i] = answer
+                        else:
+                            answers[i] = answer
+
+            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(todo)))))
+            for i, g in sorted(gave_up.items()):
+                if g.trouble_since >= self._last_answer:
+                    raise BackendError(f"{self.where}: gave up after {s.max_retries + 1} attempts, last: {g.last}")
+                log.warning("%s: gave up on one request after %d attempts (last: %s) while others were answered; its pair fails",
+                            self.where, s.max_retries + 1, g.last)  # fmt: skip
+                answers[i] = Failed("server_gave_up")
         return answers  # type: ignore[return-value]
 
-    async def _request(self, client, req: ChatRequest) -> Answer:
+    async def _request(self, client, req: ChatRequest) -> Answer | _GaveUp:
         """One request, retried as is (same seed: the same answer) on transient trouble."""
         import httpx
 
         s = self.settings
-        payload = chat_payload(s, req)
-        last = ""
+        try:  # strict UTF-8: a prompt with a lone surrogate cannot be sent, and fails only its own pair
+            body = json.dumps(chat_payload(s, req), ensure_ascii=False).encode("utf-8")
+        except PROMPT_ERRORS as e:
+            log.warning("%s: a request that cannot be sent (its pair is rejected as bad_prompt): %s: %s", self.where, type(e).__name__, e)
+            return Failed("bad_prompt")
+        last, trouble_since = "", None
         for attempt in range(s.max_retries + 1):
             wait = s.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
-            try:
-                r = await client.post(self.url, json=payload)
-            except httpx.TimeoutException:
-                last = "timeout"
+            try:  # the deadline covers the whole request: httpx's own timeout restarts with every byte read
+                r = await asyncio.wait_for(client.post(self.url, content=body, headers={"Content-Type": "application/json"}), s.timeout_s)
+            except (httpx.TimeoutException, asyncio.TimeoutError):
+                last = f"no complete answer within timeout_s={s.timeout_s:g}"
             except httpx.TransportError as e:
                 last = f"connection error ({type(e).__name__})"
             else:
                 if r.status_code == 200:
                     answer = _answer_of(r)
                     if answer is not None:
+                        self._last_answer = time.monotonic()
                         return answer
                     last = "malformed response"  # a cut-off body is usually transient: ask again
                 elif r.status_code in (401, 403):
-                    raise BackendError(f"{s.base_url} refused the API key{_key_source(s)} (HTTP {r.status_code})")
+                    raise BackendError(f"{self.where} refused the API key{_key_source(s)} (HTTP {r.status_code})")
                 elif r.status_code not in RETRY_STATUS:
                     return Failed(f"http_{r.status_code}")
                 else:
                     last = f"HTTP {r.status_code}"
-                    wait = _retry_after(r.headers.get("retry-after"), wait)
+                    wait = _retry_after(r.headers.get("retry-after"), wait, s.max_retry_after_s)
+            trouble_since = time.monotonic() if trouble_since is None else trouble_since
             if attempt < s.max_retries:
-                log.info("%s: %s, retrying in %.1fs", s.base_url, last, wait)
+                log.info("%s: %s, retrying in %.1fs", self.where, last, wait)
                 await asyncio.sleep(wait)
         if last == "malformed response":  # the server answers, but not in the expected shape: this request fails
             return Failed("malformed_response")
-        raise BackendError(f"{s.base_url}: gave up after {s.max_retries + 1} attempts, last: {last}")
+        return _GaveUp(trouble_since, last)
+
+
+@dataclass(frozen=True)
+class _GaveUp:
+    """A request that stayed in transient trouble through all its retries; judged once the requests in flight end."""
+
+    trouble_since: float  # monotonic time of its first failure
+    last: str
 
 
 def api_key(settings: OpenAISettings) -> str | None:
@@ -363,7 +549,9 @@ def api_key(settings: OpenAISettings) -> str | None:
 
 
 def _key_source(s: OpenAISettings) -> str:
-    return f" from ${s.api_key_env}" if s.api_key_env else " (none was sent: set api_key_env)"
+    if s.api_key_env:
+        return f" from ${s.api_key_env}"
+    return " (the credentials in base_url)" if urllib.parse.urlsplit(s.base_url).username is not None else " (none was sent: set api_key_env)"
 
 
 def _answer_of(response) -> str | None:
@@ -375,15 +563,70 @@ def _answer_of(response) -> str | None:
     return content.strip() if isinstance(content, str) else None
 
 
-def _retry_after(value: str | None, default: float) -> float:
-    """Retry-After as seconds or an HTTP date; the default when absent or unreadable."""
+def _retry_after(value: str | None, default: float, cap: float) -> float:
+    """Retry-After as seconds or an HTTP date, at most `cap`; the default when absent or unreadable."""
     if not value:
         return default
     try:
-        return max(0.0, float(value))
+        wait = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else default
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return default
+        wait = when.timestamp() - time.time()
+    return min(cap, max(0.0, wait)) if wait == wait else default  # NaN reads as absent
+
+
+def check_endpoint(settings: OpenAISettings, listing: dict | None = None) -> None:
+    """Reach the endpoint once before any work: its model listing, else one tiny request. Raises ValueError, one line.
+
+    `listing` memoises the served models by base URL, so two steps on one server ask once.
+    """
+    import httpx
+
+    route, auth, headers = _connection(settings)
+    check_transport(settings)
+    where = redact_url(settings.base_url)
+    listing = {} if listing is None else listing
+    timeout = min(settings.timeout_s, 30.0)
+    try:
+        with httpx.Client(headers=headers, auth=auth, timeout=timeout) as client:
+            if settings.base_url not in listing:
+                r = client.get(route("models"))
+                _refused(r, settings, where)
+                listing[settings.base_url] = _served_models(r)
+            served = listing[settings.base_url]
+            if served is not None:
+                if settings.model not in served:
+                    shown = ", ".join(sorted(served)[:10]) or "none"
+                    raise ValueError(f"model: {where} does not serve {settings.model!r} (it serves: {shown})")
+                return
+            # no listing (some servers have none): one request of one token
+            payload = {"model": settings.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+            r = client.post(route("chat/completions"), json=payload)
+            _refused(r, settings, where)
+            if r.status_code not in (200, 429):  # 429: it is there, and busy
+                raise ValueError(f"base_url: {where} answered a one-token request for {settings.model!r} with HTTP {r.status_code}")
+    except httpx.TimeoutException:
+        raise ValueError(f"base_url: {where} did not answer within {timeout:g}s") from None
+    except httpx.TransportError as e:
+        raise ValueError(f"base_url: {where} is unreachable ({type(e).__name__}: {str(e) or 'no detail'})") from None
+
+
+def _refused(r, settings: OpenAISettings, where: str) -> None:
+    if r.status_code in (401, 403):
+        raise ValueError(f"api_key_env: {where} refused the API key{_key_source(settings)} (HTTP {r.status_code})")
+
+
+def _served_models(r) -> set[str] | None:
+    """The model names of a /models answer; None when the server has no readable listing."""
+    if r.status_code != 200:
+        return None
+    try:
+        return {m["id"] for m in r.json()["data"]}
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # --- vLLM offline engine -------------------------------------------------------------------------
@@ -412,6 +655,13 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         s = self.settings
-        params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=r.seed) for r in requests]
-        outputs = self.llm.chat([chat_messages(r, s.image_quality) for r in requests], sampling_params=params, use_tqdm=False)
-        return [o.outputs[0].text.strip() if o.outputs else Failed("empty_output") for o in outputs]
+
+        def chat(part: list[ChatRequest]) -> list[Answer]:
+            params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=r.seed) for r in part]
+            outputs = self.llm.chat([chat_messages(r, s.image_quality) for r in part], sampling_params=params, use_tqdm=False)
+            return [o.outputs[0].text.strip() if o.outputs else Failed("empty_output") for o in outputs]
+
+        errors: list[BaseException] = []
+        answers = isolate_failures(chat, list(requests), errors)  # vLLM refuses a whole call for one prompt past max_model_len
+        raise_if_backend_at_fault(requests, errors)
+        return answers
