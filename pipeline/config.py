@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 import typing
@@ -24,6 +25,9 @@ from stages.mine import MineSettings
 from stages.models.encoders import looks_local
 from stages.search import SearchSettings
 from stages.write import WriteSettings
+
+
+log = logging.getLogger("megasynth.config")
 
 
 class ConfigError(ValueError):
@@ -50,9 +54,12 @@ class ExecutorSettings(BaseModel):
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded cluster (default: all)")
     actors: int | None = Field(None, gt=0, description="workers per model stage (default: as many as resources allow)")
     unit_retries: int = Field(3, ge=0, description="retries of a unit after a transient I/O error (EIO, ESTALE, a file briefly missing)")
+    retry_pause_s: float = Field(2.0, ge=0, description="pause before the first retry after a transient error; doubles each time")
     lost_retries: int = Field(5, ge=0, description="times a unit is run again after its worker, actor or node was lost")
     placement_timeout_s: float = Field(300, gt=0, description="how long a stage may have no node able to host its workers before the run stops")
     max_in_flight: int | None = Field(None, gt=0, description="tasks submitted at once (default: twice what the cluster runs at once)")
+    max_reject_share: float | None = Field(0.5, ge=0, le=1, description="stop when a stage whose rejects are losses (ingest, annotate) "
+                                           "rejects more than this share of its first items; null: never")  # fmt: skip
 
 
 class RunConfig(BaseModel):
@@ -87,7 +94,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), corpus: list
     source = str(path) if path else "defaults"
     data = read_yaml(Path(path)) if path else {}
     if patch:
-        data = merge(data, patch)
+        data = merge(data, patch, RunConfig)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -121,15 +128,20 @@ def absolute_paths(cfg: RunConfig, cwd: Path | None = None) -> RunConfig:
     ann = cfg.annotate
     steps = {step: getattr(ann, step) for step in ("describer", "instructor")}
     steps = {k: g if g.backend == "openai" else g.model_copy(update={"model": model(g.model)}) for k, g in steps.items()}
+    files = {k: _absolute(getattr(ann, k), cwd) for k in _config_relative_fields(type(ann)) if isinstance(getattr(ann, k), str)}
+    if ann.cache_dir:
+        files["cache_dir"] = local(ann.cache_dir)
     return cfg.model_copy(update={
         "corpus": cfg.corpus.model_copy(update={"paths": [local(p) for p in cfg.corpus.paths]}),
         "embed": cfg.embed.model_copy(update={"spaces": spaces}),
-        "annotate": ann.model_copy(update=steps),
+        "annotate": ann.model_copy(update={**steps, **files}),
     })  # fmt: skip
 
 
 def read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A config file; `extends: other.yaml` (relative to this file) is read first and deep-merged under it."""
+    """A config file; `extends: other.yaml` (relative to this file) is read first and deep-merged under it.
+    Files named by settings marked relative_to_config (prompts, demonstrations) are made absolute against the folder
+    of the file that names them, so a domain's folder of config and prompt files works from anywhere."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     if p.resolve() in seen:
@@ -140,27 +152,105 @@ def read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a mapping of sections (corpus, embed, mine, ...)")
+    _resolve_files(data, RunConfig, p.parent)
     base = data.pop("extends", None)
     if base is None:
         return data
-    return merge(read_yaml(p.parent / base, (*seen, p.resolve())), data)
+    return merge(read_yaml(p.parent / base, (*seen, p.resolve())), data, RunConfig)
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` deep-merged onto `base`: mappings merge key by key, anything else replaces."""
+def merge(base: dict, over: dict, model: Any = None, where: str = "") -> dict:
+    """`over` deep-merged onto `base`: mappings merge key by key, anything else replaces. With `model` (the settings
+    class `base` is written for), a block of `over` that switches a backend (`backend: vllm` over transformers)
+    keeps only the keys of `base` that the new backend takes."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        child, at = _child(model, k), f"{where}.{k}".lstrip(".")
+        if isinstance(v, dict) and isinstance(child, list) and "backend" in v:
+            out[k] = _switch_backend(out.get(k) if isinstance(out.get(k), dict) else _default_block(model, k), child, v["backend"], at)
+        out[k] = merge(out[k], v, child, at) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def _set(data: dict, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
+    """One `--set key=value`; setting a block's `backend` to another one drops the old backend's keys (see `merge`)."""
+    node: Any = RunConfig
+    for i, k in enumerate(keys[:-1]):
         nxt = data.get(k)
         if not isinstance(nxt, dict):
             nxt = data[k] = {}
-        data = nxt
+        if keys[i + 1 :] == ["backend"] and isinstance(_child(node, k), list):
+            data[k] = nxt = _switch_backend(nxt or _default_block(node, k), _child(node, k), value, ".".join(keys[:-1]))
+        data, node = nxt, _child(node, k)
     data[keys[-1]] = value
+
+
+def _switch_backend(block: dict, members: list, backend: Any, where: str) -> dict:
+    """`block` for `backend`: unchanged if it already is, else without the keys that backend's settings do not take."""
+    old = block.get("backend", _default_tag(members))
+    new_cls = next((m for m in members if _is_model(m) and typing.get_args(m.model_fields["backend"].annotation) == (backend,)), None)
+    if old == backend or new_cls is None:  # an unknown backend is reported by validation, with the known ones
+        return block
+    kept = {k: v for k, v in block.items() if k in new_cls.model_fields and k != "backend"}
+    if dropped := sorted(set(block) - set(kept) - {"backend"}):
+        log.warning("%s.backend: %s -> %s; dropped %s (%s settings that %s does not take)", where, old, backend,
+                    ", ".join(dropped), old, backend)  # fmt: skip
+    return kept
+
+
+def _default_tag(members: list) -> Any:
+    """The backend a block without `backend` gets: the one member whose tag has a default."""
+    tagged = [m.model_fields["backend"] for m in members if _is_model(m)]
+    return next((f.default for f in tagged if not f.is_required()), None)
+
+
+def _default_block(model: Any, key: str) -> dict:
+    """The settings a model field holds by default, as a block of keys (what a switched backend starts from)."""
+    default = model.model_fields[key].default if _is_model(model) and key in model.model_fields else None
+    return default.model_dump(exclude_defaults=True) if isinstance(default, BaseModel) else {}
+
+
+def _child(node: Any, key: str) -> Any:
+    """The settings class under `key` of `node` (a list of classes for a backend union), or None."""
+    if _is_model(node) and key in node.model_fields:
+        return _unwrap(node.model_fields[key].annotation)
+    if typing.get_origin(node) is dict:
+        return _unwrap(typing.get_args(node)[1])
+    return None
+
+
+def _config_relative_fields(model: Any) -> list[str]:
+    extras = {k: f.json_schema_extra for k, f in model.model_fields.items()}
+    return [k for k, extra in extras.items() if isinstance(extra, dict) and extra.get("relative_to_config")]
+
+
+def resolve_files(data: dict, folder: Path) -> dict:
+    """A copy of a config mapping (a sweep's variant, say) with its file settings made absolute against `folder`."""
+    import copy
+
+    out = copy.deepcopy(data)
+    _resolve_files(out, RunConfig, folder)
+    return out
+
+
+def _resolve_files(data: dict, model: Any, folder: Path) -> None:
+    """In place: the file settings of `data` (a config file's mapping for `model`) made absolute against `folder`."""
+    if not _is_model(model):
+        return
+    marked = set(_config_relative_fields(model))
+    for k, v in data.items():
+        if k in marked and isinstance(v, str):
+            data[k] = _absolute(v, folder)
+        elif isinstance(v, dict) and _is_model(_child(model, k)):
+            _resolve_files(v, _child(model, k), folder)
+
+
+def _absolute(value: str, folder: Path) -> str:
+    """A relative path made absolute against `folder`; a bare name (no suffix, no separator: a packaged prompt) as is."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or not (p.suffix or "/" in value or os.sep in value):
+        return str(p) if p.is_absolute() else value
+    return os.path.normpath(Path(folder).absolute() / p)
 
 
 def _explain(err: dict) -> str:

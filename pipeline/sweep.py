@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, load_config, merge
+from pipeline.config import ConfigError, RunConfig, load_config, merge, resolve_files
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), corpus: list[str] | 
         if not NAME.fullmatch(name):
             raise ConfigError(f"{path}: variant name {name!r}: use letters, digits, '.', '+', '-' and '_' (it names a folder)")
         try:
-            cfg = load_config(base, overrides, corpus, patch=patch)
+            cfg = load_config(base, overrides, corpus, patch=resolve_files(patch, path.parent))  # its files: next to the sweep file
         except ConfigError as e:
             raise ConfigError(f"variant {name}: {e}") from None
         variants.append(Variant(name, cfg, root / name))
