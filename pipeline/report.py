@@ -106,8 +106,8 @@ def write_card(run_dir: Path) -> Path:
         + ", "
         f"at most {config['mine']['pairs_per_query']} targets per query, {config['mine']['hard_negatives']} hard negatives.",
         "",
-        f"Relation text: `{ann['describer']['model']}` with prompt `{ann['describe_prompt']}`; instructions: "
-        f"`{ann['instructor']['model']}` with prompt `{ann['instruct_prompt']}`, {ann['instructions_per_pair']} per pair, "
+        f"Relation text: `{ann['describer']['model']}` with prompt `{_prompt_name(ann['describe_prompt'])}`; instructions: "
+        f"`{ann['instructor']['model']}` with prompt `{_prompt_name(ann['instruct_prompt'])}`, {ann['instructions_per_pair']} per pair, "
         f"{ann['demonstrations']} demonstrations per request.",
         "",
         "The models that wrote the text:",
@@ -204,3 +204,13 @@ def _reasons(rejected: dict) -> str:
 
 def dumps(st: dict) -> str:
     return json.dumps(st, indent=1, sort_keys=False)
+
+
+def _prompt_name(setting: str) -> str:
+    """A packaged prompt's name, or a prompt file's name and digest (as the triplets' provenance has it), never a local path."""
+    from stages.annotation.prompts import load_prompt
+
+    try:
+        return load_prompt(setting).name
+    except (OSError, ValueError):  # the file moved since the run: its name still says which it was
+        return Path(setting).name
