@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -27,6 +27,12 @@ def _fail(message: str) -> None:
 
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _executor_overrides(executor: str | None, ray_address: str | None) -> list[str]:
+    """--executor and --ray-address as settings; an address means the Ray executor unless told otherwise."""
+    out = [f"executor.kind={executor or 'ray'}"] if executor or ray_address else []
+    return out + ([f"executor.ray_address={ray_address}"] if ray_address else [])
 
 
 @app.command("make-corpus")
@@ -60,11 +66,7 @@ def run(
     from pipeline import report, runner
     from pipeline.config import load_config
 
-    overrides = list(set_ or [])
-    if executor:
-        overrides.append(f"executor.kind={executor}")
-    if ray_address:
-        overrides.append(f"executor.ray_address={ray_address}")
+    overrides = [*(set_ or []), *_executor_overrides(executor, ray_address)]
     out = out or Path("runs") / config.stem
     try:
         cfg = load_config(config, overrides, corpus)
@@ -94,11 +96,7 @@ def sweep(
     from pipeline import report
     from pipeline.sweep import load_sweep, run_sweep
 
-    overrides = list(set_ or [])
-    if executor:
-        overrides.append(f"executor.kind={executor}")
-    if ray_address:
-        overrides.append(f"executor.ray_address={ray_address}")
+    overrides = [*(set_ or []), *_executor_overrides(executor, ray_address)]
     try:
         sw = load_sweep(sweep_file, overrides, corpus, out)
         summaries = run_sweep(sw, progress=not quiet, only=only, log=console.print)
@@ -147,14 +145,16 @@ def sample(
 def plan(
     config: Path = typer.Argument(..., help="the config to estimate"),
     images: str = typer.Option(..., "--images", help="corpus size: 20M, 500k, 2000000"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="cluster GPUs: shows the workers each stage keeps busy, and warns of idle ones"),
+    cpus: Optional[int] = typer.Option(None, "--cpus", min=1, help="cluster CPUs (default with --gpus: 16 per GPU)"),
     device: Optional[str] = typer.Option(None, "--device", help="whose benchmark results to use, e.g. h200 (default: the config's)"),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """Estimate GPU-hours, memory and storage per stage, each traced to the measured figure it extrapolates."""
+    """Units and workers per stage; GPU-hours, memory and storage, each traced to the measured figure it extrapolates."""
     from pipeline.plan import plan_command
 
     try:
-        typer.echo(plan_command(config, images, device, as_json=json_))
+        typer.echo(plan_command(config, images, device, as_json=json_, gpus=gpus, cpus=cpus))
     except USER_ERRORS as e:
         _fail(str(e))
 
@@ -166,30 +166,49 @@ app.add_typer(bench_app, name="bench")
 def _bench(name: str, args: list[str]) -> None:
     import importlib
 
+    root = Path(__file__).resolve().parent.parent  # a checkout: bench/ sits beside pipeline/
+    if not (root / "bench" / "__init__.py").is_file():
+        _fail("the benchmarks live in the source tree's bench/ folder, which an installed package lacks: "
+              "install from a checkout (pip install -e .) and run megasynth there")
+    if str(root) not in sys.path:  # an editable install puts only pipeline/ and stages/ on the path
+        sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(f"bench.{name}")
-    except ImportError:
-        _fail("the benchmarks live in the source tree's bench/ folder: run megasynth from a checkout")
-    path = module.main(args)
-    console.print(f"results: {path}")
+    except ModuleNotFoundError as e:
+        _fail(f"megasynth bench {name} needs {e.name}, which does not import here")
+    if Path(module.__file__).resolve().parent != root / "bench":
+        _fail(f"{module.__file__} shadows the checkout's bench/ folder: another package is named bench")
+    paths = module.main(args)  # argparse: its own options and --help, usage errors exit with code 2
+    for path in paths if isinstance(paths, list) else [paths]:
+        console.print(f"results: {path}")
 
 
-@bench_app.command("mine", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Every argument, --help included, goes to the benchmark's own parser.
+BENCH_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@bench_app.command("mine", context_settings=BENCH_ARGS)
 def bench_mine(ctx: typer.Context) -> None:
     """kNN backends: queries/s, effective TFLOP/s, recall@k against exact, peak memory (`... mine --help`)."""
     _bench("mine", ctx.args)
 
 
-@bench_app.command("embed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@bench_app.command("embed", context_settings=BENCH_ARGS)
 def bench_embed(ctx: typer.Context) -> None:
     """The embed stage against the raw model forward, per space, and decode images/s (`... embed --help`)."""
     _bench("embed", ctx.args)
 
 
-@bench_app.command("annotate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@bench_app.command("annotate", context_settings=BENCH_ARGS)
 def bench_annotate(ctx: typer.Context) -> None:
     """Annotation backends: pairs/s and tokens/s against plain generate (`... annotate --help`)."""
     _bench("annotate", ctx.args)
+
+
+@bench_app.command("all", context_settings=BENCH_ARGS)
+def bench_all(ctx: typer.Context) -> None:
+    """embed, mine and annotate in turn; --cpu sizes them for a 2-core machine, as `make bench` does (`... all --help`)."""
+    _bench("run", ctx.args)
 
 
 @app.command("demo-models")
@@ -207,6 +226,80 @@ def demo_models(
         _fail(str(e))
     for name, path in paths.items():
         console.print(f"{name}: {path}")
+
+
+@app.command()
+def probe(
+    run_dir: Path = typer.Argument(..., help="a run folder whose annotate stage has run"),
+    steps: int = typer.Option(400, "--steps", min=1, help="training steps of the fusion head"),
+    seed: int = typer.Option(0, "--seed", help="same seed, same numbers"),
+    held_out: float = typer.Option(0.2, "--held-out", help="share of query images kept out of training"),
+    image_space: Optional[List[str]] = typer.Option(None, "--image-space", help="image space standing for an image (repeatable; default: all)"),
+    text_space: Optional[str] = typer.Option(None, "--text-space", help="the text space whose model embeds instructions"),
+    ground_truth: int = typer.Option(1000, "--ground-truth", min=0, help="most ground-truth triplets (synthetic corpus); 0: none"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+) -> None:
+    """Train a small fusion head on the run's triplets (frozen embeddings) and report recall@1/5/10 in RUN/probe.json."""
+    from pipeline.probe import RESULT_FILE, ProbeSettings
+    from pipeline.probe import probe as run_probe
+
+    try:
+        settings = ProbeSettings(steps=steps, seed=seed, held_out=held_out, image_spaces=image_space or None,
+                                 text_space=text_space, ground_truth=ground_truth, device=device)  # fmt: skip
+        result = run_probe(run_dir, settings)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    for name in ("held_out", "ground_truth"):
+        r = result[name]
+        if r is not None:
+            recalls = "  ".join(f"{k} {r[k]:.3f} (query only {r['query_only'][k]:.3f})" for k in ("recall@1", "recall@5", "recall@10"))
+            console.print(f"{name}: {r['triplets']} triplets, {r['instructions']} instructions: {recalls}")
+    console.print(f"{run_dir / RESULT_FILE}")
+
+
+REFERENCE_HELP = "the space the reference band was set in (default: semantic, EVA-CLIP's image tower in the paper; else the first)"
+BAND_HELP = "the reference band LO HI (default: the run's band in the reference space)"
+
+
+@app.command()
+def compare(
+    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="run folders to put side by side"),
+    out: Path = typer.Option(Path("compare.html"), "--out", help="the HTML file: self-contained, opens from disk"),
+    reference: Optional[str] = typer.Option(None, "--reference", help=REFERENCE_HELP),
+    band: Optional[Tuple[float, float]] = typer.Option(None, "--band", help=BAND_HELP),
+    triplets: int = typer.Option(3, "--triplets", min=0, help="random triplets shown per run"),
+) -> None:
+    """Runs side by side on one HTML page: similarity and bands, pairs, rejections, instructions, compute, triplets."""
+    from pipeline.compare import compare as write_page
+
+    try:
+        page = write_page(runs, out, reference, band, triplets)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    console.print(f"{page}")
+
+
+@app.command()
+def calibrate(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="a run folder whose search stage is done"),
+    reference: Optional[str] = typer.Option(None, "--reference", help=REFERENCE_HELP),
+    band: Optional[Tuple[float, float]] = typer.Option(None, "--band", help=BAND_HELP),
+    json_: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Per space: similarity percentiles of the neighbour lists, and the band that keeps the reference band's share."""
+    import json
+
+    from pipeline import calibrate as cal
+
+    try:
+        result = cal.calibration(run_dir, reference, band)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    if json_:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    Console().print(cal.calibration_table(result))
+    typer.echo(f"Bands that keep the same share of neighbours as the reference, for a config:\n{cal.bands_yaml(result)}")
 
 
 def main() -> None:
