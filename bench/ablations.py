@@ -32,8 +32,14 @@ def measure(run_dir: Path, settings) -> dict:
 
     ledger = Ledger(run_dir)
     t0 = time.perf_counter()
+    stats = json.loads((run_dir / "stats.json").read_text()) if (run_dir / "stats.json").is_file() else {}
+    counters = ledger.summary("annotate")["counters"] if not ledger.summary("annotate")["source"] else {}
     result = {
         "run": str(run_dir),
+        # what the variant cost, from its own last run: wall time, stages taken from other variants, answers generated
+        "wall_seconds": stats.get("wall_seconds"),
+        "reused": sorted(s for s, st in (stats.get("stages") or {}).items() if st.get("source")),
+        "answers_generated": {k: v for k, v in counters.items() if k.endswith((".generated", ".cached"))},
         "pairs": ledger.summary("mine")["output"],
         "annotated": ledger.summary("annotate")["output"],
         "triplets": report.triplet_count(run_dir),
@@ -67,6 +73,13 @@ def table(results: dict[str, dict]) -> str:
         lines += ["", f"Ground truth with the query image alone (the same for every variant): R@1 / R@5 / R@10 = "
                       f"{recalls(first['probe']['ground_truth']['query_only'])}. Kept step 0: the head did best as the "
                       "query image alone on its validation triplets, i.e. it learned nothing useful from the instructions."]  # fmt: skip
+    lines += ["", "What each variant cost in the sweep (its own run; stages taken from variants run before it):", "",
+              "| variant | wall s | stages reused | descriptions generated / from cache | instruction lists generated / from cache |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        g = r.get("answers_generated") or {}
+        lines.append(f"| {name} | {r.get('wall_seconds')} | {', '.join(r.get('reused') or []) or '-'} "
+                     f"| {g.get('describe.generated', 0)} / {g.get('describe.cached', 0)} | {g.get('instruct.generated', 0)} / {g.get('instruct.cached', 0)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

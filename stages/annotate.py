@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -189,6 +190,7 @@ class AnnotateStage(Stage):
         self.describer = make_generator(self.settings.describer, vision=True, workers=self.worker_count)
         self.instructor = make_generator(self.settings.instructor, vision=False, workers=self.worker_count)
         self.cache = None
+        self._generated = Counter()
         if self.settings.cache:
             folder = Path(self.settings.cache_dir).expanduser() if self.settings.cache_dir else self.inputs["cache"]
             self.cache = AnswerCache(folder, read_also=[reused_cache(run) for run in self.reuse_runs])
@@ -197,6 +199,7 @@ class AnnotateStage(Stage):
         s = self.settings
         rows = units.read_slices(self.inputs["pairs"], unit.payload["slices"]).to_pylist()
         stats = Stats(input=len(rows))
+        self._generated = stats.counters  # answers generated vs read from the cache, per step: what a variant cost
         meta = catalog.lookup(
             self.inputs["catalog"],
             {r["query_id"] for r in rows} | {r["target_id"] for r in rows},
@@ -295,10 +298,13 @@ class AnnotateStage(Stage):
     def _answers(self, step: str, generator, settings, requests: list[ChatRequest]) -> list:
         """Answers from the cache where present; the rest generated and cached (failures are not cached)."""
         if self.cache is None:
+            self._generated[f"{step}.generated"] += len(requests)
             return generator.generate(requests)
         keys = [request_key(step, settings.answer_fingerprint(), r) for r in requests]
         known = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in known]
+        self._generated[f"{step}.generated"] += len(todo)
+        self._generated[f"{step}.cached"] += len(keys) - len(todo)
         fresh = generator.generate([requests[i] for i in todo]) if todo else []
         self.cache.put_many({keys[i]: a for i, a in zip(todo, fresh) if isinstance(a, str)})
         answers = [known.get(k) for k in keys]

@@ -59,6 +59,7 @@ def test_local_run_produces_readable_triplets(local_run):
     assert all(list(r)[:4] == ["q_img", "q_text", "t_img", "hns"] and r["hns"][0] == r["q_img"] for r in index)  # released fields first
     card = (local_run / "triplets" / "README.md")
     assert card.exists() and "megasynth triplets" in card.read_text()
+    assert not (local_run / "triplets" / ".index-parts").exists() and not (local_run / "_state" / "write" / "scratch").exists()
 
 
 def test_ray_executor_gives_the_same_bytes(local_run, pipeline_config, tmp_path):
