@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -14,8 +15,24 @@ from rich.console import Console
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Synthesise MegaPairs-style retrieval triplets: ingest -> embed -> mine -> annotate -> write.",
+    rich_markup_mode=None,  # plain help: flags read as flags (--json), not as options taking a <bool>
+    help="Synthesise MegaPairs-style retrieval triplets: ingest -> embed -> search -> mine -> annotate -> write.",
 )
+Executor = Enum("Executor", {name: name for name in ("ray", "local")}, type=str)  # shown as choices in --help
+StageName = Enum("StageName", {name: name for name in ("ingest", "embed", "search", "mine", "annotate", "write")}, type=str)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"megasynth {version('megasynth')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
+    """Synthesise MegaPairs-style retrieval triplets: ingest -> embed -> search -> mine -> annotate -> write."""
 console = Console(stderr=True)
 
 # One line, non-zero exit, for every error a user can fix; anything else is a bug and keeps its traceback.
@@ -31,11 +48,12 @@ def _fail(message: str) -> None:
 
 def _executor_overrides(executor: str | None, ray_address: str | None) -> list[str]:
     """--executor and --ray-address as settings; an address means the Ray executor unless told otherwise."""
-    out = [f"executor.kind={executor or 'ray'}"] if executor or ray_address else []
+    kind = executor.value if isinstance(executor, Enum) else executor
+    out = [f"executor.kind={kind or 'ray'}"] if kind or ray_address else []
     return out + ([f"executor.ray_address={ray_address}"] if ray_address else [])
 
 
-@app.command("make-corpus")
+@app.command("make-corpus", epilog="\b\nExample:\n  megasynth make-corpus --out data/corpus --images 2000 --seed 0")
 def make_corpus(
     out: Path = typer.Option(..., "--out", help="folder for the tar shards"),
     images: int = typer.Option(2000, "--images", min=1, help="how many images"),
@@ -49,15 +67,15 @@ def make_corpus(
     console.print(f"corpus: {summary['images']} images in {summary['shards']} shards under {out}")
 
 
-@app.command()
+@app.command(epilog="\b\nExamples:\n  megasynth run configs/demo.yaml --out runs/demo\n  megasynth run configs/megapairs.yaml --corpus 'recap/{00000..01999}.tar' --ray-address auto --out /shared/run\n  megasynth run configs/demo.yaml --out runs/no-hn --set mine.hard_negatives=0 --reuse runs/demo")
 def run(
-    config: Path = typer.Argument(..., help="YAML config, e.g. configs/demo.yaml"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config, e.g. configs/demo.yaml"),
     corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="corpus paths or globs (repeatable); overrides corpus.paths"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<config name>)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a setting, e.g. --set mine.k=32 (repeatable)"),
-    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or local (in-process, for debugging)"),
+    executor: Optional[Executor] = typer.Option(None, "--executor", help="ray (default) or local (in-process, for debugging)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="connect to an existing Ray cluster"),
-    stage: Optional[str] = typer.Option(None, "--stage", help="run only this stage (its upstream must be done)"),
+    stage: Optional[StageName] = typer.Option(None, "--stage", help="run only this stage (its upstream must be done)"),
     reuse: Optional[List[Path]] = typer.Option(None, "--reuse", help="a finished run folder whose matching stages are used as they are (repeatable)"),
     replace: bool = typer.Option(False, "--replace", help="allow replacing finished stages of --out made with other settings"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -70,7 +88,7 @@ def run(
     out = out or Path("runs") / config.stem
     try:
         cfg = load_config(config, overrides, corpus)
-        summary = runner.run(cfg, out, only=stage, progress=not quiet, reuse=reuse or (), replace=replace)
+        summary = runner.run(cfg, out, only=stage.value if stage else None, progress=not quiet, reuse=reuse or (), replace=replace)
     except USER_ERRORS as e:
         _fail(str(e))
     st = {"stages": summary}
@@ -81,14 +99,14 @@ def run(
         console.print(f"[green]{n} triplets[/green] in {t} (index: {t / 'index.jsonl'}, card: {t / 'README.md'})")
 
 
-@app.command()
+@app.command(epilog="\b\nExamples:\n  megasynth sweep configs/ablations/demo.yaml\n  megasynth sweep configs/ablations/demo.yaml --only caption --only scale-25")
 def sweep(
     sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="a sweep file: base config plus variants, e.g. configs/ablations/demo.yaml"),
     corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="corpus paths or globs for every variant (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="the sweep folder (default: the file's `out`, else runs/<sweep name>)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a setting of every variant (repeatable)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run only this variant (repeatable)"),
-    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or local"),
+    executor: Optional[Executor] = typer.Option(None, "--executor", help="ray (default) or local"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="connect to an existing Ray cluster"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -107,9 +125,9 @@ def sweep(
         console.print(f"{name}: {report.triplet_count(sw.out / name)} triplets" + (f" (reused: {', '.join(reused)})" if reused else ""))
 
 
-@app.command()
+@app.command(epilog="\b\nExamples:\n  megasynth status runs/demo\n  megasynth status runs/demo --json")
 def status(
-    run_dir: Path = typer.Argument(..., help="a run folder"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a run folder"),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Per stage: done or not, units, counts and rejections by reason."""
@@ -124,9 +142,9 @@ def status(
         Console().print(report.status_table(st))
 
 
-@app.command()
+@app.command(epilog="\b\nExample:\n  megasynth sample runs/demo -n 20 --out sample.html")
 def sample(
-    run_dir: Path = typer.Argument(..., help="a run folder whose write stage has run"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a run folder whose write stage has run"),
     n: int = typer.Option(20, "-n", min=1, help="how many triplets"),
     seed: int = typer.Option(0, "--seed", help="which random triplets"),
     out: Optional[Path] = typer.Option(None, "--out", help="the HTML file (default: RUN_DIR/sample.html)"),
@@ -141,9 +159,9 @@ def sample(
     console.print(f"{page}")
 
 
-@app.command()
+@app.command(epilog="\b\nExample:\n  megasynth plan configs/megapairs.yaml --images 20M --gpus 64")
 def plan(
-    config: Path = typer.Argument(..., help="the config to estimate"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="the config to estimate"),
     images: str = typer.Option(..., "--images", help="corpus size: 20M, 500k, 2000000"),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="cluster GPUs: shows the workers each stage keeps busy, and warns of idle ones"),
     cpus: Optional[int] = typer.Option(None, "--cpus", min=1, help="cluster CPUs (default with --gpus: 16 per GPU)"),
@@ -228,9 +246,9 @@ def demo_models(
         console.print(f"{name}: {path}")
 
 
-@app.command()
+@app.command(epilog="\b\nExample:\n  megasynth probe runs/demo")
 def probe(
-    run_dir: Path = typer.Argument(..., help="a run folder whose annotate stage has run"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a run folder whose annotate stage has run"),
     steps: int = typer.Option(400, "--steps", min=1, help="training steps of the fusion head"),
     seed: int = typer.Option(0, "--seed", help="same seed, same numbers"),
     held_out: float = typer.Option(0.2, "--held-out", help="share of query images kept out of training"),
@@ -261,9 +279,9 @@ REFERENCE_HELP = "the space the reference band was set in (default: semantic, EV
 BAND_HELP = "the reference band LO HI (default: the run's band in the reference space)"
 
 
-@app.command()
+@app.command(epilog="\b\nExample:\n  megasynth compare runs/ablations-demo/* --out report.html")
 def compare(
-    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="run folders to put side by side"),
+    runs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="run folders to put side by side"),
     out: Path = typer.Option(Path("compare.html"), "--out", help="the HTML file: self-contained, opens from disk"),
     reference: Optional[str] = typer.Option(None, "--reference", help=REFERENCE_HELP),
     band: Optional[Tuple[float, float]] = typer.Option(None, "--band", help=BAND_HELP),
@@ -279,9 +297,9 @@ def compare(
     console.print(f"{page}")
 
 
-@app.command()
+@app.command(epilog="\b\nExample:\n  megasynth calibrate runs/demo --reference caption")
 def calibrate(
-    run_dir: Path = typer.Argument(..., metavar="RUN", help="a run folder whose search stage is done"),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a run folder whose search stage is done"),
     reference: Optional[str] = typer.Option(None, "--reference", help=REFERENCE_HELP),
     band: Optional[Tuple[float, float]] = typer.Option(None, "--band", help=BAND_HELP),
     json_: bool = typer.Option(False, "--json", help="machine-readable output"),

@@ -100,3 +100,21 @@ def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
     cfg = load_config(ROOT / "demo.yaml", ["annotate.cache_dir=shared-cache", "embed.spaces.caption.model=models/enc"], corpus=["data/*.tar"])
     assert cfg.corpus.paths == [str(tmp_path / "data" / "*.tar")]
     assert cfg.annotate.cache_dir == str(tmp_path / "shared-cache") and cfg.embed.spaces["caption"].model == str(tmp_path / "models" / "enc")
+
+
+def test_cli_help_reads_as_people_expect():
+    """Flags are flags, choices are listed, usage names CONFIG and RUN_DIR, examples follow, --version works."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    run = runner.invoke(app, ["run", "--help"], prog_name="megasynth").output
+    assert "CONFIG" in run.splitlines()[0] and "<ray|local>" in run and "<ingest|embed|search|mine|annotate|write>" in run
+    assert "--replace  " in run and "<bool>" not in run and "Examples:\n    megasynth run configs/demo.yaml" in run
+    status = runner.invoke(app, ["status", "--help"], prog_name="megasynth").output
+    assert "RUN_DIR" in status.splitlines()[0] and "--json  machine-readable" in status
+    version = runner.invoke(app, ["--version"], prog_name="megasynth")
+    assert version.exit_code == 0 and version.output.startswith("megasynth ")
+    bad = runner.invoke(app, ["run", "configs/demo.yaml", "--executor", "spark"], prog_name="megasynth")
+    assert bad.exit_code == 2 and "spark" in bad.output
