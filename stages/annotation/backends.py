@@ -188,6 +188,19 @@ def gpus_needed(settings) -> float:
     return 0.0
 
 
+def run_coroutine(coro):
+    """`asyncio.run`, also from inside a running event loop (Jupyter's, an async caller's): there it runs on a
+    thread of its own, since a loop cannot be nested in the thread that runs one."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="megasynth-client") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 # --- requests as OpenAI chat messages (the openai and vllm backends) -------------------------------
 
 
@@ -447,7 +460,7 @@ class OpenAIGenerator:
                         self.where, workers, settings.max_concurrency, workers)  # fmt: skip
 
     def generate(self, requests: list[ChatRequest]) -> list[Answer]:
-        return asyncio.run(self._all(requests))
+        return run_coroutine(self._all(requests))
 
     async def _all(self, requests: list[ChatRequest]) -> list[Answer]:
         """`concurrency` workers, each on its own keep-alive connection, take requests in turn.
