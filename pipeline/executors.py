@@ -176,8 +176,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
         kwargs["address"] = address
-    else:
-        kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus)
+    else:  # "local": a cluster of our own, even where `ray start` left one running (use --ray-address auto for that)
+        kwargs.update(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus)
     ray.init(**kwargs)
     return True
 
