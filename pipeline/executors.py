@@ -446,22 +446,31 @@ class _Progress:
         self.advance = advance
         self.sink = None
         self.last = 0.0
+        self.ray = ray
         if advance is not None:
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self.sink = Queue(actor_options={"num_cpus": 0})
+            # On the driver's own node: a worker node that goes away must not take the queue with it.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.sink = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def drain(self, force: bool = False) -> None:
         """Pass on what units reported; at most twice a second, since each look is a call to the queue's actor."""
         if self.sink is None or (not force and time.monotonic() - self.last < 0.5):
             return
         self.last = time.monotonic()
-        for unit, n in self.sink.get_nowait_batch(self.sink.qsize()) if self.sink.qsize() else []:
-            self.advance(unit, n)
+        try:
+            for unit, n in self.sink.get_nowait_batch(self.sink.qsize()) if self.sink.qsize() else []:
+                self.advance(unit, n)
+        except self.ray.exceptions.RayError as e:  # the bar is a courtesy: losing it never stops a run
+            log.warning("progress reports from workers stopped (%s); units still count when they finish", type(e).__name__)
+            self.sink = None
 
     def close(self) -> None:
         if self.sink is not None:
             self.drain(force=True)
+        if self.sink is not None:
             self.sink.shutdown()
 
 
@@ -473,8 +482,11 @@ def _reporter(sink, unit: Unit) -> Callable[[int], None] | None:
 
     def advance(n: int) -> None:
         state["n"] += n
-        if time.monotonic() - state["t"] >= 1.0:
-            sink.put_nowait((unit, state["n"]))
+        if not state.get("dead") and time.monotonic() - state["t"] >= 1.0:
+            try:
+                sink.put_nowait((unit, state["n"]))
+            except Exception:  # the queue went with the driver: the unit goes on, unreported
+                state["dead"] = True
             state["n"], state["t"] = 0, time.monotonic()
 
     return advance

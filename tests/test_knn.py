@@ -17,7 +17,7 @@ from stages.knn.exact import exact_search, pack, unpack
 from stages.knn.rescore import Rescorer
 from stages.knn.stream import prefetch
 from stages.knn.torch_exact import TorchExact, compute_dtype
-from stages.mine import MineSettings
+from stages.search import SearchSettings
 
 
 @pytest.fixture(autouse=True)
@@ -297,7 +297,7 @@ def test_pack_round_trips():
     labels = pack(7, rows)
     shard, back = unpack(labels[:3])
     assert (shard == 7).all() and (back == rows[:3]).all() and labels[3] == -1
-    assert MineSettings().index == "Flat" and faiss.METRIC_INNER_PRODUCT == faiss_index.METRIC
+    assert SearchSettings().index == "Flat" and faiss.METRIC_INNER_PRODUCT == faiss_index.METRIC
 
 
 def test_a_cpu_and_a_gpu_faiss_wheel_together_are_refused():
