@@ -169,6 +169,8 @@ class LocalExecutor:
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Connect to `address`, or start an embedded cluster; False if this process is already connected."""
+    if not address:  # an embedded cluster is this machine's alone: Ray binds it to 127.0.0.1 when this is 0 at its import
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
