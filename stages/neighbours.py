@@ -50,18 +50,19 @@ class MiningScope(StageSettings):
         return v
 
 
-def _hash64(text: str) -> int:
+def hash64(text: str) -> int:
+    """A stable 64-bit hash of a string (ids, seeds): the same on every machine and in every run."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def query_rank(seed: int | None, id_: str) -> int:
     """A seeded pseudo-random rank per image, independent of sharding: queries are the lowest ranks."""
-    return _hash64(f"{seed or 0}:{id_}")
+    return hash64(f"{seed or 0}:{id_}")
 
 
 def corpus_rank(id_: str) -> int:
     """A rank per image for corpus-scale variants: the same for every seed and every run."""
-    return _hash64(f"corpus:{id_}")
+    return hash64(f"corpus:{id_}")
 
 
 def threshold(fraction: float) -> int:

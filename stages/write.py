@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
-from stages import annotations, catalog, embeddings, units
+from stages import annotations, catalog, embeddings, neighbours, units
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path, is_transient
 from stages.images import open_image
 
@@ -265,9 +265,9 @@ class WriteStage(Stage):
         stats.counters["images_referenced"] += len(referenced)
         with atomic_path(self._index_part(unit_id)) as tmp:
             tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in index_rows))
-        ordered = sorted(referenced, key=lambda i: (_id_hash(i), i))
+        ordered = sorted((neighbours.hash64(i), i) for i in referenced)  # each id hashed once
         with atomic_path(self._notes(unit_id)) as tmp:
-            table = pa.table({"hash": pa.array([_id_hash(i) for i in ordered], pa.uint64()), "id": pa.array(ordered, pa.string())})
+            table = pa.table({"hash": pa.array([h for h, _ in ordered], pa.uint64()), "id": pa.array([i for _, i in ordered], pa.string())})
             pq.write_table(table, tmp, row_group_size=4096)
         return stats
 
@@ -387,10 +387,6 @@ class _JpegCache:
         while self.size > self.max_bytes and len(self._data) > 1:
             self.size -= len(self._data.popitem(last=False)[1])
         return data
-
-
-def _id_hash(image_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def _hash_range(bucket: int, buckets: int) -> tuple[int, int]:
