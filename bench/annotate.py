@@ -38,7 +38,7 @@ from bench.common import median_seconds, write_result
 def _corpus_pairs(n: int, seed: int, workdir: Path) -> list[tuple]:
     from PIL import Image
 
-    from stages.corpus.synthetic import make_corpus
+    from demo.corpus import make_corpus
 
     make_corpus(workdir / "corpus", max(2 * n, 64), seed=seed, shard_size=256)
     items = []
@@ -87,7 +87,7 @@ def real_shape_describer(folder: Path, pairs, device: str, small: bool = False) 
     this code path on a CPU."""
     import torch
 
-    from pipeline import demo_models as dm
+    from demo import toy_models as dm
     from stages.annotation.prompts import describe_text, load_prompt
 
     template = load_prompt("describe-v1")
@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> Path:
     elif shape == "real":
         describer = str(real_shape_describer(work / "describer", pairs, device, small=args.small))
     else:
-        from pipeline import demo_models
+        from demo import toy_models
 
-        describer = str(demo_models.build_describer(work / "describer", str(work / "corpus" / "*.tar"), steps=30))
+        describer = str(toy_models.build_describer(work / "describer", str(work / "corpus" / "*.tar"), steps=30))
     from transformers import AutoProcessor
 
     # Random weights write token ids the trained tokenizer lacks: count generated tokens only where
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
     base = results[0]["pairs_per_s"]
     for r in results:  # the client ceiling runs no model: no speed-up to speak of
         r["speedup_vs_plain_generate_b64"] = round(r["pairs_per_s"] / base, 2) if r["name"] != "openai_client_ceiling" else None
-    described = {"demo": "tiny LLaVA-shaped demo model (pipeline/demo_models.py), 30 training steps",
+    described = {"demo": "tiny LLaVA-shaped demo model (demo/toy_models.py), 30 training steps",
                  "real": "random weights, Qwen2-VL-2B's language model + a 0.6B ViT (bench/annotate.py: real_shape_describer)"
                          + (", shrunken (--small)" if args.small else ""),
                  "given": describer}  # fmt: skip

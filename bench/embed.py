@@ -79,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_catalog(work: Path, images: int, unique: int, image_size: tuple[int, int]) -> Path:
     """A one-shard catalog of `images` JPEGs: `unique` rendered scenes of distinct sizes, repeated under new keys."""
-    from stages.corpus.synthetic import make_corpus
+    from demo.corpus import make_corpus
     from stages.ingest import CorpusSettings, IngestSettings, IngestStage
 
     unique = min(unique, images)
@@ -129,8 +129,8 @@ def distinct_size(jpeg: bytes, i: int) -> bytes:
 
 def demo_spaces(root: Path, input_side: int) -> tuple[dict[str, SpaceSettings], dict[str, str]]:
     """The offline demo's three real-weight encoders, as `make demo` builds them."""
-    from pipeline.demo_assets import copy_minilm
-    from stages.models import convert
+    from demo.assets import copy_minilm
+    from demo import convert
 
     folders = {
         "semantic": convert.convert_efficientnet_lite0(root / "efficientnet-lite0"),

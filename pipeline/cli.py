@@ -61,7 +61,7 @@ def make_corpus(
     shard_size: int = typer.Option(256, "--shard-size", min=1, help="images per tar shard"),
 ) -> None:
     """Generate a Recap-DataComp-style corpus (img2dataset WebDataset layout) of rendered scenes with known shared attributes."""
-    from stages.corpus.synthetic import make_corpus as generate
+    from demo.corpus import make_corpus as generate
 
     summary = generate(out, images, seed=seed, shard_size=shard_size, progress=True)
     console.print(f"corpus: {summary['images']} images in {summary['shards']} shards under {out}")
@@ -236,7 +236,7 @@ def demo_models(
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps of the tiny VLM/LLM (default: theirs)"),
 ) -> None:
     """Build the offline demo's models: real EfficientNet-Lite0, DINOv2-S and MiniLM weights; tiny trained VLM/LLM."""
-    from pipeline.demo_assets import build_demo_models
+    from demo.assets import build_demo_models
 
     try:
         paths = build_demo_models(corpus, out, steps=steps, log=console.print)

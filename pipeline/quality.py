@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.rundir import Ledger
 from stages import annotations, catalog, pairs
-from stages.corpus.synthetic import NUMBER_WORDS, SHORT_NOUNS, VARIATIONS
+from demo.corpus import NUMBER_WORDS, SHORT_NOUNS, VARIATIONS
 
 TRUE, DUPLICATE, UNRELATED, UNKNOWN = "true", "duplicate", "unrelated", "unknown"
 VERDICTS = (TRUE, DUPLICATE, UNRELATED)
@@ -239,13 +239,13 @@ LIGHTING_PHRASES = {"neutral": "in even, neutral light", "bright": "brightly lit
 
 
 def _group_phrase(g: dict) -> str:
-    from stages.corpus.synthetic import ObjectGroup, short_group_phrase
+    from demo.corpus import ObjectGroup, short_group_phrase
 
     return short_group_phrase(ObjectGroup(g["kind"], g.get("colour"), int(g["count"])), digits=False)
 
 
 def _background_phrase(bg: dict) -> str:
-    from stages.corpus.synthetic import Background, short_background
+    from demo.corpus import Background, short_background
 
     return short_background(Background(bg["kind"], tuple(bg.get("colours") or ()), bg.get("texture"), bg.get("direction")))
 
@@ -253,7 +253,7 @@ def _background_phrase(bg: dict) -> str:
 def change_text(query: dict, target: dict) -> str | None:
     """What turns the query's scene into the target's, in the generator's caption words: "The same picture,
     but with three blue circles instead of three red circles and in warm light." None when they do not differ."""
-    from stages.corpus.synthetic import PLACEMENTS, join_list
+    from demo.corpus import PLACEMENTS, join_list
 
     parts = []
     matched, target_only, query_only = _match_groups(query.get("objects") or [], target.get("objects") or [])

@@ -171,7 +171,7 @@ def _feature(t: pa.DataType) -> dict:
     return {"dtype": _DTYPES[t]}
 
 
-TOY_MODEL_MARKER = "demo_training.json"  # pipeline/demo_models.py writes it into each toy model's folder, with "toy_model": true
+TOY_MODEL_MARKER = "demo_training.json"  # demo/toy_models.py writes it into each toy model's folder, with "toy_model": true
 
 
 def is_toy_model(model: str) -> bool:

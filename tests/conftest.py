@@ -61,9 +61,9 @@ def built(tmp_path_factory, name: str, sources: tuple[str, ...], build, **params
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    from stages.corpus.synthetic import make_corpus
+    from demo.corpus import make_corpus
 
-    return built(tmp_path_factory, "corpus", ("stages/corpus/synthetic.py",),
+    return built(tmp_path_factory, "corpus", ("demo/corpus.py",),
                  lambda out: make_corpus(out, TEST_IMAGES, seed=0, shard_size=50), images=TEST_IMAGES)  # fmt: skip
 
 
@@ -73,8 +73,8 @@ IMAGE_MODELS = {"semantic": "efficientnet-lite0", "pattern": "dinov2-small", "ca
 @pytest.fixture(scope="session")
 def image_models(tmp_path_factory) -> dict[str, Path]:
     """The demo's real-weight encoders, at a reduced input size so the suite stays fast on 2 cores."""
-    from pipeline.demo_assets import copy_minilm
-    from stages.models import convert
+    from demo.assets import copy_minilm
+    from demo import convert
 
     def build(root: Path) -> None:
         convert.convert_efficientnet_lite0(root / IMAGE_MODELS["semantic"])
@@ -83,7 +83,7 @@ def image_models(tmp_path_factory) -> dict[str, Path]:
         for name in ("semantic", "pattern"):
             shrink_input(root / IMAGE_MODELS[name], 112)
 
-    sources = ("stages/models/convert.py", "stages/models/efficientnet_lite.py", "pipeline/demo_assets.py")
+    sources = ("demo/convert.py", "stages/models/efficientnet_lite.py", "demo/assets.py")
     root = built(tmp_path_factory, "models", sources, build, side=112)
     return {space: root / folder for space, folder in IMAGE_MODELS.items()}
 
@@ -99,14 +99,14 @@ def shrink_input(folder: Path, side: int) -> None:
 @pytest.fixture(scope="session")
 def text_models(tmp_path_factory, corpus) -> dict[str, Path]:
     """Tiny describer (LLaVA-shaped) and instructor (Llama-shaped), trained briefly on the corpus captions."""
-    from pipeline import demo_models
+    from demo import toy_models
 
     def build(root: Path) -> None:
         glob_ = str(corpus / "*.tar")
-        demo_models.build_describer(root / "describer", glob_, steps=TEXT_MODEL_STEPS["describer"])
-        demo_models.build_instructor(root / "instructor", glob_, steps=TEXT_MODEL_STEPS["instructor"])
+        toy_models.build_describer(root / "describer", glob_, steps=TEXT_MODEL_STEPS["describer"])
+        toy_models.build_instructor(root / "instructor", glob_, steps=TEXT_MODEL_STEPS["instructor"])
 
-    root = built(tmp_path_factory, "textmodels", ("pipeline/demo_models.py", "stages/corpus/synthetic.py"), build,
+    root = built(tmp_path_factory, "textmodels", ("demo/toy_models.py", "demo/corpus.py"), build,
                  steps=TEXT_MODEL_STEPS, corpus=corpus.name)  # fmt: skip
     return {"describer": root / "describer", "instructor": root / "instructor"}
 

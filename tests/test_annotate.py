@@ -108,11 +108,11 @@ def test_every_pair_is_kept_or_rejected_with_a_reason(pair_inputs, text_models):
 
 def test_untrained_models_are_rejected_not_written(pair_inputs, corpus, tmp_path):
     """Random weights babble: every pair must end rejected with the validator's reason, after its retries."""
-    from pipeline import demo_models
+    from demo import toy_models
 
     models = {
-        "describer": demo_models.build_describer(tmp_path / "d", str(corpus / "00000.tar"), steps=1),
-        "instructor": demo_models.build_instructor(tmp_path / "i", str(corpus / "00000.tar"), steps=1),
+        "describer": toy_models.build_describer(tmp_path / "d", str(corpus / "00000.tar"), steps=1),
+        "instructor": toy_models.build_instructor(tmp_path / "i", str(corpus / "00000.tar"), steps=1),
     }
     stats, rows = annotate(pair_inputs, models, "a2", retries=1)
     assert stats.output == 0 and sum(stats.rejected.values()) == 9

@@ -82,7 +82,7 @@ def test_the_card_states_licences_and_the_toy_models_that_wrote_the_text(local_r
     config = yaml.safe_load((local_run / "config.yaml").read_text())["annotate"]
     for role in ("describer", "instructor"):
         model = config[role]["model"]
-        assert is_toy_model(model)  # the test's text models are built by pipeline/demo_models.py, as the demo's are
+        assert is_toy_model(model)  # the test's text models are built by demo/toy_models.py, as the demo's are
         assert f"| {role} | `{model}` (toy model) | not stated |" in card
     assert "**Written by toy models.**" in card
 

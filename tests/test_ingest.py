@@ -315,7 +315,7 @@ def test_duplicate_keys_are_rejected_without_decoding(tmp_path, monkeypatch):
 
 
 def test_failed_synthetic_shard_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from stages.corpus.synthetic import make_corpus
+    from demo.corpus import make_corpus
 
     def fail(*_):
         raise OSError("disk full")

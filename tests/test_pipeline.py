@@ -210,10 +210,10 @@ def test_reject_alarm_is_a_plain_function_of_counts():
 
 def test_a_stage_that_rejects_most_of_its_input_stops_the_run_with_one_line(local_run, pipeline_config, corpus, tmp_path):
     """A describer that babbles loses every pair: the run says so and why, instead of ending with 0 triplets."""
-    from pipeline import demo_models
+    from demo import toy_models
     from pipeline.rundir import Ledger
 
-    babbler = demo_models.build_describer(tmp_path / "untrained", str(corpus / "00000.tar"), steps=1)
+    babbler = toy_models.build_describer(tmp_path / "untrained", str(corpus / "00000.tar"), steps=1)
     cfg = load_config(pipeline_config, [f"annotate.describer.model={babbler}", "annotate.retries=0"])
     with pytest.raises(runner.RejectAlarm, match=r"^annotate rejected (\d+) of the first \1 items \(100%.*most: describe\."):
         runner.run(cfg, tmp_path / "run", progress=False, reuse=(local_run,))

@@ -19,7 +19,7 @@ from stages import annotations, catalog, pairs
 
 def scene(family="f00001", variant="base", objects=(("circle", "red", 2),), background=None, layout="left",
           lighting="neutral", effect="none", copy=None) -> dict:  # fmt: skip
-    """Attributes as the synthetic corpus writes them (see stages.corpus.synthetic.attributes_of)."""
+    """Attributes as the synthetic corpus writes them (see demo.corpus.attributes_of)."""
     return {
         "family": family, "variant": variant, "copy": copy,
         "background": background or {"kind": "solid", "colours": ["white"], "texture": None, "direction": None},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.corpus.synthetic import make_corpus
+from demo.corpus import make_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES, SHARD_SIZE = 200, 64
@@ -59,7 +59,7 @@ def test_summary_and_layout(corpus):
 def test_same_seed_is_byte_identical_even_under_another_hash_seed(corpus, tmp_path):
     out, _ = corpus
     again = tmp_path / "again"
-    code = f"from stages.corpus.synthetic import make_corpus; make_corpus({str(again)!r}, {IMAGES}, 0, {SHARD_SIZE})"
+    code = f"from demo.corpus import make_corpus; make_corpus({str(again)!r}, {IMAGES}, 0, {SHARD_SIZE})"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
     assert _files(again) == _files(out)

