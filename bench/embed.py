@@ -80,6 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build_catalog(work: Path, images: int, unique: int, image_size: tuple[int, int]) -> Path:
     """A one-shard catalog of `images` JPEGs: `unique` rendered scenes of distinct sizes, repeated under new keys."""
     from demo.corpus import make_corpus
+    from stages.caption import CaptionSettings, CaptionStage
     from stages.ingest import CorpusSettings, IngestSettings, IngestStage
 
     unique = min(unique, images)
@@ -90,6 +91,10 @@ def build_catalog(work: Path, images: int, unique: int, image_size: tuple[int, i
     ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(tar_path)])), {}, work / "catalog")
     for unit in ingest.plan()[0]:
         ingest.process(unit)
+    captioning = CaptionStage(CaptionSettings(), {"catalog": work / "catalog"}, work / "captions")  # corpus captions, nothing generated
+    captioning.setup()
+    for unit in captioning.plan()[0]:
+        captioning.process(unit)
     return work / "catalog"
 
 
@@ -129,8 +134,8 @@ def distinct_size(jpeg: bytes, i: int) -> bytes:
 
 def demo_spaces(root: Path, input_side: int) -> tuple[dict[str, SpaceSettings], dict[str, str]]:
     """The offline demo's three real-weight encoders, as `make demo` builds them."""
-    from demo.assets import copy_minilm
     from demo import convert
+    from demo.assets import copy_minilm
 
     folders = {
         "semantic": convert.convert_efficientnet_lite0(root / "efficientnet-lite0"),
@@ -276,7 +281,7 @@ def peak_memory_gb(fn: Callable[[], object]) -> float | None:
 
 def make_stage(spaces: dict[str, SpaceSettings], catalog_dir: Path, out: Path, args, cpus: int) -> EmbedStage:
     settings = EmbedSettings(spaces=spaces, batch_size=args.batch_size, dtype=args.dtype, device=args.device, cpus=cpus)
-    stage = EmbedStage(settings, {"catalog": catalog_dir}, out)
+    stage = EmbedStage(settings, {"catalog": catalog_dir, "captions": catalog_dir.parent / "captions"}, out)
     stage.setup()
     return stage
 

@@ -12,14 +12,16 @@ from typing import List, Optional, Tuple
 import typer
 from rich.console import Console
 
+from pipeline.rundir import STAGE_NAMES
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,  # plain help: flags read as flags (--json), not as options taking a <bool>
-    help="Synthesise MegaPairs-style retrieval triplets: ingest -> embed -> search -> mine -> annotate -> write.",
+    help="Synthesise MegaPairs-style retrieval triplets: " + " -> ".join(STAGE_NAMES) + ".",
 )
 Executor = Enum("Executor", {name: name for name in ("ray", "local")}, type=str)  # shown as choices in --help
-StageName = Enum("StageName", {name: name for name in ("ingest", "embed", "search", "mine", "annotate", "write")}, type=str)
+StageName = Enum("StageName", {name: name for name in STAGE_NAMES}, type=str)
 
 
 def _version(value: bool) -> None:

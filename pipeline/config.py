@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.annotate import AnnotateSettings
 from stages.base import StageSettings
+from stages.caption import CaptionSettings
 from stages.embed import EmbedSettings
 from stages.ingest import CorpusSettings, IngestSettings
 from stages.mine import MineSettings
@@ -68,6 +69,7 @@ class RunConfig(BaseModel):
     seed: int = 0
     corpus: CorpusSettings = CorpusSettings()
     ingest: IngestOptions = IngestOptions()
+    caption: CaptionSettings = CaptionSettings()
     embed: EmbedSettings = EmbedSettings()
     mine: MineOptions = MineOptions()
     annotate: AnnotateSettings = AnnotateSettings()
@@ -128,13 +130,19 @@ def absolute_paths(cfg: RunConfig, cwd: Path | None = None) -> RunConfig:
     ann = cfg.annotate
     steps = {step: getattr(ann, step) for step in ("describer", "instructor")}
     steps = {k: g if g.backend == "openai" else g.model_copy(update={"model": model(g.model)}) for k, g in steps.items()}
-    files = {k: _absolute(getattr(ann, k), cwd) for k in _config_relative_fields(type(ann)) if isinstance(getattr(ann, k), str)}
-    if ann.cache_dir:
-        files["cache_dir"] = local(ann.cache_dir)
+    cap = cfg.caption
+    if cap.captioner is not None and cap.captioner.backend != "openai":
+        cap = cap.model_copy(update={"captioner": cap.captioner.model_copy(update={"model": model(cap.captioner.model)})})
+
+    def files(section):  # its file settings (prompts, lists) and answer cache folder
+        out = {k: _absolute(getattr(section, k), cwd) for k in _config_relative_fields(type(section)) if isinstance(getattr(section, k), str)}
+        return {**out, "cache_dir": local(section.cache_dir)} if section.cache_dir else out
+
     return cfg.model_copy(update={
         "corpus": cfg.corpus.model_copy(update={"paths": [local(p) for p in cfg.corpus.paths]}),
+        "caption": cap.model_copy(update=files(cap)),
         "embed": cfg.embed.model_copy(update={"spaces": spaces}),
-        "annotate": ann.model_copy(update={**steps, **files}),
+        "annotate": ann.model_copy(update={**steps, **files(ann)}),
     })  # fmt: skip
 
 

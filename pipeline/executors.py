@@ -211,7 +211,7 @@ class RayExecutor:
         self._engine = res.engine_gpus
         progress = _Progress(self.ray, advance)
         try:
-            if spec.cls.loads_model:
+            if spec.cls.holds_model(spec.settings):
                 self._run_actors(spec, units, opts, done, progress)
             else:
                 self._run_tasks(spec, units, opts, done, progress)

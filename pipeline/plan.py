@@ -310,6 +310,13 @@ def worker_count(cpus_per_worker: float, gpus_per_worker: float, cpus: int | Non
     return min(n, actors) if actors else n
 
 
+def caption_worker(c, gpus: int | None) -> tuple[float, float]:
+    """CPUs and GPUs of one caption worker: a captioner's when it may generate, else a CPU task reading captions."""
+    if not c.generates:
+        return 1.0, 0.0
+    return c.cpus, c.gpus if c.gpus is not None else generator_gpus(c.captioner, gpus)
+
+
 def unit_plan(config: RunConfig, images: int, gpus: int | None = None, cpus: int | None = None) -> list[StageUnits]:
     """Units per stage from counts alone, as each stage's `plan` would cut them; workers when a cluster size is given."""
     e, m, a, w = config.embed, config.mine, config.annotate, config.write
@@ -326,6 +333,8 @@ def unit_plan(config: RunConfig, images: int, gpus: int | None = None, cpus: int
     shard = f"a corpus shard (~{config.corpus.folder_shard_size:,} images)" if folders else f"a corpus shard (~{SHARD_ROWS:,} images, img2dataset's default)"
     stages = [
         StageUnits("ingest", [Wave(shard, shards)], "the corpus's shards (reshard it smaller)", config.ingest.cpus, 0.0),
+        StageUnits("caption", [Wave("a catalog shard, one per corpus shard", shards)], "the corpus's shards (reshard it smaller)",
+                   *caption_worker(config.caption, gpus)),
         StageUnits("embed", [Wave("a catalog shard, one per corpus shard", shards)], "the corpus's shards (reshard it smaller)", e.cpus,
                    e.gpus if e.gpus is not None else float(on_gpu(e.device, gpus))),
         StageUnits("search", [*index, Wave(f"~{m.queries_per_unit:,} queries", searches)], "mine.queries_per_unit", m.cpus,
@@ -336,7 +345,7 @@ def unit_plan(config: RunConfig, images: int, gpus: int | None = None, cpus: int
                              Wave("the dataset's index.jsonl", 1, sized=False)], "write.triplets_per_unit, write.images_per_unit", w.cpus, 0.0),
     ]  # fmt: skip
     if gpus is not None or cpus is not None:
-        model_stages = {"embed", "search", "annotate"}  # actors: `executor.actors` caps them
+        model_stages = {"embed", "search", "annotate"} | ({"caption"} if config.caption.generates else set())  # actors: `executor.actors` caps them
         for s in stages:
             s.workers = worker_count(s.cpus, s.gpus, cpus, gpus, config.executor.actors if s.stage in model_stages else None)
     return stages

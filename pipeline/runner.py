@@ -25,6 +25,7 @@ from pipeline.executors import Policy, StageSpec, make_executor
 from pipeline.rundir import STAGE_NAMES, Ledger, RunLock, fingerprint
 from stages.annotate import AnnotateStage
 from stages.base import Stage, Stats, Unit, write_bytes_atomic
+from stages.caption import CaptionStage
 from stages.embed import EmbedStage
 from stages.ingest import IngestStage
 from stages.mine import MineStage
@@ -43,14 +44,15 @@ class StageWiring:
 
 # The pipeline, top to bottom. Each stage's fingerprint folds in the one above it, so a
 # changed setting redoes exactly its own stage and everything below. Besides these inputs,
-# annotate gets the run's answer `cache` folder and write a `scratch` folder of its own.
+# caption and annotate get the run's answer `cache` folder and write a `scratch` folder of its own.
 PIPELINE: tuple[StageWiring, ...] = (
     StageWiring(IngestStage, (), "catalog"),
-    StageWiring(EmbedStage, ("catalog",), "embeddings"),
+    StageWiring(CaptionStage, ("catalog",), "captions"),
+    StageWiring(EmbedStage, ("catalog", "captions"), "embeddings"),
     StageWiring(SearchStage, ("catalog", "embeddings"), "neighbours"),
     StageWiring(MineStage, ("catalog", "neighbours"), "pairs"),
     StageWiring(AnnotateStage, ("catalog", "pairs"), "annotations"),
-    StageWiring(WriteStage, ("catalog", "embeddings", "annotations"), "triplets"),
+    StageWiring(WriteStage, ("catalog", "captions", "embeddings", "annotations"), "triplets"),
 )
 assert tuple(w.cls.name for w in PIPELINE) == STAGE_NAMES, "rundir.STAGE_NAMES must list PIPELINE's stages in order"
 
@@ -65,7 +67,7 @@ class ReplaceRefused(RuntimeError):
 
 def build_stage(cfg: RunConfig, w: StageWiring, out: Path, locations: dict[str, Path], reuse: tuple[Path, ...] = ()) -> Stage:
     inputs = {name: locations.get(name, out / name) for name in w.inputs}
-    if w.cls is AnnotateStage:
+    if w.cls in (CaptionStage, AnnotateStage):
         inputs["cache"] = out / "cache"  # outlives reruns of annotate; other runs' caches are read through reuse_runs
     if w.cls is WriteStage:
         inputs["scratch"] = Ledger(out).stage_dir(w.cls.name) / "scratch"

@@ -134,6 +134,11 @@ class Stage(ABC):
         self.inputs = {k: Path(v) for k, v in inputs.items()}
         self.output = Path(output)
 
+    @classmethod
+    def holds_model(cls, settings: StageSettings) -> bool:
+        """Whether a stage with these settings loads a model (`loads_model`, unless its settings decide)."""
+        return cls.loads_model
+
     def resources(self) -> Resources:
         return Resources()
 

@@ -1,7 +1,8 @@
 """embed: L2-normalised embeddings of every catalogued image, in several spaces.
 
-One unit per catalog shard. Each image is decoded once for all image spaces; captions
-(re_caption, else caption) go through the text space sorted by token length. Output:
+One unit per catalog shard. Each image is decoded once for all image spaces; each image's
+caption (the caption stage's choice, see `stages.captions`) goes through the text spaces sorted
+by token length. Output:
 one file per space and shard (see `stages.embeddings`).
 
 Three things overlap so the models never wait: a thread pool reads (and, unless the GPU
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from pydantic import Field, model_validator
 
-from stages import catalog, embeddings
+from stages import captions, catalog, embeddings
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, is_transient
 from stages.images import ImageRejected, open_image, plain_jpeg
 from stages.models.encoders import DTYPES, ImageEncoder, Pooling, TextEncoder, check_model_path, preprocess, resolve_device
@@ -40,7 +41,6 @@ class SpaceSettings(StageSettings):
     model: str = Field(description="HF hub id or local folder, loaded with from_pretrained")
     pooling: Pooling = "auto"
     max_length: int = Field(128, gt=0, description="text spaces: tokens per caption")
-    text_fields: list[Literal["re_caption", "caption"]] = ["re_caption", "caption"]
 
 
 DEFAULT_SPACES = {
@@ -118,7 +118,7 @@ class EmbedStage(Stage):
         self.stream = torch.cuda.Stream(self.device) if on_gpu else None
 
     def process(self, unit: Unit) -> Stats:
-        table = catalog.read(self.inputs["catalog"], unit.id, columns=["id", "path", "offset", "size", "caption", "re_caption", "sha256"])
+        table = catalog.read(self.inputs["catalog"], unit.id, columns=["id", "path", "offset", "size", "sha256"])
         stats = Stats(input=table.num_rows)
         refs = catalog.image_refs(table)
         ids = np.array([r.id for r in refs], dtype=object)
@@ -131,10 +131,9 @@ class EmbedStage(Stage):
             self._save(name, unit.id, ids[ok], hashes[ok], vecs)
             stats.counters[f"vectors.{name}"] += len(vecs)
 
-        d = table.select(["caption", "re_caption"]).to_pydict()
+        caption_of = captions.texts(self.inputs["captions"], unit.id) if self.text_encoders else {}
+        texts = [caption_of.get(r.id) for r in refs]
         for name, enc in self.text_encoders.items():
-            fields = self.settings.spaces[name].text_fields
-            texts = [next((d[f][i] for f in fields if d[f][i]), None) for i in range(len(refs))]
             keep = [i for i, t in enumerate(texts) if t and ok[i]]
             vecs = self._embed_texts(enc, [texts[i] for i in keep])
             self._save(name, unit.id, ids[keep], hashes[keep], vecs)

@@ -150,7 +150,7 @@ def pipeline_config(corpus, image_models, text_models, tmp_path_factory) -> Path
     return path
 
 
-OUTPUTS = ("catalog", "embeddings", "neighbours", "pairs", "annotations", "triplets")
+OUTPUTS = ("catalog", "captions", "embeddings", "neighbours", "pairs", "annotations", "triplets")
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -192,3 +192,16 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def captions_of(catalog: Path, out: Path | None = None) -> Path:
+    """The caption stage run with its defaults on a catalog (corpus captions only, nothing generated): the
+    `captions` input of a stage built by hand."""
+    from stages.caption import CaptionSettings, CaptionStage
+
+    out = out or Path(catalog).parent / "captions"
+    stage = CaptionStage(CaptionSettings(), {"catalog": Path(catalog)}, out)
+    stage.setup()
+    for unit in stage.plan()[0]:
+        stage.process(unit)
+    return out

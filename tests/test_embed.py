@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from conftest import write_tar
+from conftest import captions_of, write_tar
 from stages import catalog, embeddings
 from stages.embed import EmbedSettings, EmbedStage, SpaceSettings, decode_pil
 from stages.ingest import CorpusSettings, IngestSettings, IngestStage
@@ -54,7 +54,7 @@ def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, catalo
         "semantic": SpaceSettings(kind="image", model=str(image_models["semantic"])),
         "caption": SpaceSettings(kind="text", model=str(image_models["caption"])),
     }
-    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir}, tmp_path / "emb")
+    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir, "captions": captions_of(catalog_dir)}, tmp_path / "emb")
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
 
@@ -72,7 +72,7 @@ def test_embed_stage_writes_normalised_vectors_in_catalog_order(tmp_path, catalo
     assert embeddings.read_manifests(tmp_path / "emb")["semantic"]["model"] == str(image_models["semantic"])
 
     # a batch of one gives the same vectors up to fp16 rounding: batching does not change results
-    single = EmbedStage(EmbedSettings(spaces=spaces, batch_size=1, device="cpu"), {"catalog": catalog_dir}, tmp_path / "emb1")
+    single = EmbedStage(EmbedSettings(spaces=spaces, batch_size=1, device="cpu"), {"catalog": catalog_dir, "captions": captions_of(catalog_dir)}, tmp_path / "emb1")
     single.setup()
     single.process(single.plan()[0][0])
     v1 = embeddings.load(tmp_path / "emb1", "semantic", "00000")[2]
@@ -98,11 +98,11 @@ def test_batched_jpeg_decoding_falls_back_to_pil_image_by_image(tmp_path, catalo
             raise RuntimeError("Error while decoding JPEG images")
         return [decode_pil(d.numpy().tobytes())[0] for d in datas]
 
-    plain = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir}, tmp_path / "plain")
+    plain = EmbedStage(EmbedSettings(spaces=spaces, batch_size=16, device="cpu"), {"catalog": catalog_dir, "captions": captions_of(catalog_dir)}, tmp_path / "plain")
     plain.setup()
     plain.process(plain.plan()[0][0])
     batched = EmbedStage(
-        EmbedSettings(spaces=spaces, batch_size=16, device="cpu", prefetch=1, decode_threads=3), {"catalog": catalog_dir}, tmp_path / "batched"
+        EmbedSettings(spaces=spaces, batch_size=16, device="cpu", prefetch=1, decode_threads=3), {"catalog": catalog_dir, "captions": captions_of(catalog_dir)}, tmp_path / "batched"
     )
     batched.setup()
     batched.nvjpeg = strict_decoder
@@ -172,7 +172,7 @@ def test_embed_then_mine_when_the_first_shard_has_nothing_to_embed(tmp_path, cor
         "semantic": SpaceSettings(kind="image", model=str(image_models["semantic"])),
         "caption": SpaceSettings(kind="text", model=str(image_models["caption"])),
     }
-    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=8, device="cpu"), {"catalog": cat}, emb)
+    stage = EmbedStage(EmbedSettings(spaces=spaces, batch_size=8, device="cpu"), {"catalog": cat, "captions": captions_of(cat, tmp_path / "captions")}, emb)
     stage.setup()
     units = stage.plan()[0]
     for u in units:

@@ -9,6 +9,7 @@ import re
 import tarfile
 
 import webdataset as wds
+from conftest import captions_of
 from PIL import Image
 
 from stages import annotations, catalog, embeddings, pairs
@@ -22,8 +23,8 @@ def annotated(tmp_path, corpus) -> list[dict]:
     ingest = IngestStage(settings, {}, tmp_path / "catalog")
     for u in ingest.plan()[0]:
         ingest.process(u)
+    captions_of(tmp_path / "catalog")
     ids = catalog.read(tmp_path / "catalog", "00000", columns=["id"])["id"].to_pylist()
-    rows = []
     rows = [annotation(ids[i], ids[i + 10], [ids[20 + i], ids[30 + i]], i, ok=i < 6) for i in range(7)]
     write_annotations(tmp_path, rows)
     return rows
@@ -53,7 +54,7 @@ def run_write(tmp_path, out, **settings) -> WriteStage:
 
 
 def inputs(tmp_path, out) -> dict:
-    return {"catalog": tmp_path / "catalog", "annotations": tmp_path / "ann", "embeddings": tmp_path / "emb", "scratch": tmp_path / f"scratch-{out.name}"}
+    return {"catalog": tmp_path / "catalog", "captions": tmp_path / "captions", "annotations": tmp_path / "ann", "embeddings": tmp_path / "emb", "scratch": tmp_path / f"scratch-{out.name}"}
 
 
 def run_write_stats(tmp_path, out, **settings) -> tuple[WriteStage, Stats]:
@@ -178,6 +179,7 @@ def test_ids_that_sanitise_alike_get_their_own_image(tmp_path):
     ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(folder)])), {}, tmp_path / "catalog")
     for u in ingest.plan()[0]:
         ingest.process(u)
+    captions_of(tmp_path / "catalog")
     (shard,) = catalog.shards(tmp_path / "catalog")
     ids = {i.split("/", 1)[1]: i for i in catalog.read(tmp_path / "catalog", shard, columns=["id"])["id"].to_pylist()}
     assert set(ids) == set(colours)

@@ -178,3 +178,15 @@ def _storable(key: str, answer: str) -> bool:
         log.warning("answer cache: an answer for %s holds text that is not valid Unicode and is not cached", key[:12])
         return False
     return True
+
+
+def reused_cache(run: Path, section: str = "annotate") -> Path:
+    """The answer cache folder of another run folder for one of its stages (a config section with a `cache_dir`):
+    that `cache_dir` if the run set one, else the run's cache/."""
+    import yaml
+
+    try:
+        cache_dir = ((yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}).get(section) or {}).get("cache_dir")
+    except FileNotFoundError:
+        cache_dir = None
+    return Path(cache_dir).expanduser() if cache_dir else Path(run) / "cache"

@@ -160,6 +160,28 @@ def check_description(text: str, bounds: Bounds, rules: Rules = ENGLISH) -> str:
     return text
 
 
+CAPTION_LABEL = re.compile(r"^\W*(?:caption|description)\W*:\W*", re.IGNORECASE)  # "Caption: A red ..." keeps its content
+
+
+def check_caption(text: str, bounds: Bounds, rules: Rules = ENGLISH) -> str:
+    """A generated caption: one piece of prose about the image, within `bounds` words, in the rules' language."""
+    text = CAPTION_LABEL.sub("", " ".join(text.split())).strip('"')
+    if not text:
+        raise Invalid("empty_caption")
+    if _refuses(text):
+        raise Invalid("refusal")
+    _check_text(text, rules)
+    n = len(words(text))
+    if n < bounds.min_words:
+        raise Invalid("caption_too_short")
+    if n > bounds.max_words:
+        raise Invalid("caption_too_long")
+    if repetitive(text):
+        raise Invalid("repetitive")
+    if not reads_as_prose(text, rules.language):
+        raise Invalid("gibberish")
+    return text
+
 def parse_instructions(
     text: str, n: int, bounds: Bounds, captions: list[str | None] = (), rules: Rules = ENGLISH, demonstrations: list[str] = ()
 ) -> list[str]:
