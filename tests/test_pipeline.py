@@ -18,10 +18,10 @@ import yaml
 
 from pipeline import runner
 from pipeline.config import load_config
-from pipeline.rundir import RunLock
+from pipeline.rundir import STAGE_NAMES, RunLock
 from conftest import digest
 
-STAGES = ("ingest", "embed", "search", "mine", "annotate", "write")
+STAGES = STAGE_NAMES
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_rerun_does_no_work_and_a_changed_setting_redoes_only_downstream(local_r
 
     runner.run(load_config(pipeline_config, ["mine.hard_negatives=2"]), run, progress=False, replace=True)
     after = {s: unit_mtimes(run, s) for s in STAGES}
-    assert all(after[s] == before[s] for s in ("ingest", "embed", "search"))  # no new kNN search for a pair setting
+    assert all(after[s] == before[s] for s in ("ingest", "caption", "embed", "search"))  # no new kNN search for a pair setting
     for stage in ("mine", "annotate", "write"):
         assert all(after[stage][u] != before[stage].get(u) for u in after[stage]), stage
     sample = json.loads((run / "triplets" / "index.jsonl").read_text().splitlines()[0])
@@ -89,11 +89,11 @@ def test_redoing_an_upstream_stage_alone_leaves_the_stages_after_it_stale(local_
     card = (run / "triplets" / "README.md").read_text()
     summary = runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="ingest", progress=False, replace=True)
     assert summary["ingest"]["done"] and not summary["ingest"]["stale"]
-    assert all(summary[s]["stale"] and not summary[s]["done"] for s in ("embed", "search", "mine", "annotate", "write"))
+    assert all(summary[s]["stale"] and not summary[s]["done"] for s in STAGE_NAMES[1:])
     assert (run / "triplets" / "README.md").read_text() == card  # the card still describes the triplets that exist
     status = cli("status", str(run))
     assert status.returncode == 0 and "stale" in status.stdout + status.stderr
-    with pytest.raises(runner.StageOrderError, match="needs embed done"):
+    with pytest.raises(runner.StageOrderError, match="needs caption done"):
         runner.run(load_config(pipeline_config, ["ingest.min_side=17"]), run, only="mine", progress=False)
 
 
