@@ -43,7 +43,7 @@ PAPER_IMAGES = 20_000_000  # the corpus configs/megapairs.yaml is sized for
 
 def build_run(folder: Path, images: int, queries: int, pairs_per_query: int, spaces: list[str], units: dict[str, int]) -> None:
     """The files each stage's plan reads, at full size; contents are real but minimal (ids, statuses)."""
-    from stages import annotations, catalog, pairs
+    from stages import annotations, catalog, pairs, selection
 
     shards = -(-images // SHARD_IMAGES)
     corpus = folder / "corpus"
@@ -61,6 +61,7 @@ def build_run(folder: Path, images: int, queries: int, pairs_per_query: int, spa
         cols.update(id=ids, status=ok)
         table = pa.table(cols, schema=catalog.SCHEMA).replace_schema_metadata({catalog.OK_ROWS_KEY: str(n).encode()})
         pq.write_table(table, catalog.catalog_file(cat, f"{s:05d}"), compression="zstd")
+    selection.write_manifest(folder / "selection", selection.EVERYTHING)  # no select queries: every image takes part
     for space in spaces:
         (folder / "embeddings" / space).mkdir(parents=True)
         (folder / "embeddings" / space / "space.json").write_text(json.dumps({"dim": 768, "model": "synthetic"}))

@@ -123,7 +123,8 @@ def neighbour_scores(run_dir: Path, max_queries: int = MAX_QUERIES) -> tuple[dic
         raise ValueError(f"{run_dir}: the search stage is not done, so there are no neighbour lists to read")
     settings = mine_settings(run_dir)
     folder = ledger.source("search") / "neighbours"
-    stage = MineStage(settings, {"catalog": ledger.source("ingest") / "catalog", "neighbours": folder}, run_dir / "pairs")
+    inputs = {"catalog": ledger.source("ingest") / "catalog", "neighbours": folder, "selection": ledger.source("select") / "selection"}
+    stage = MineStage(settings, inputs, run_dir / "pairs")  # the queries mine would draw, counted among the selected images
     spaces = stage.mined_spaces()
     units = stage.plan()[0]
     threshold = units[0].payload["threshold"] if units else neighbours.FULL

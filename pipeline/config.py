@@ -25,6 +25,7 @@ from stages.ingest import CorpusSettings, IngestSettings
 from stages.mine import MineSettings
 from stages.models.encoders import looks_local
 from stages.search import SearchSettings
+from stages.select import SelectSettings
 from stages.write import WriteSettings
 
 
@@ -39,6 +40,12 @@ class IngestOptions(IngestSettings):
     """ingest's settings as written in the config: the corpus has its own top-level section."""
 
     corpus: None = Field(None, exclude=True)
+
+
+class SelectOptions(SelectSettings):
+    """select's settings as written in the config: the spaces its queries are scored in come from `embed.spaces`."""
+
+    spaces: None = Field(None, exclude=True)
 
 
 class MineOptions(SearchSettings, MineSettings):
@@ -71,6 +78,7 @@ class RunConfig(BaseModel):
     ingest: IngestOptions = IngestOptions()
     caption: CaptionSettings = CaptionSettings()
     embed: EmbedSettings = EmbedSettings()
+    select: SelectOptions = SelectOptions()
     mine: MineOptions = MineOptions()
     annotate: AnnotateSettings = AnnotateSettings()
     write: WriteSettings = WriteSettings()
@@ -80,6 +88,9 @@ class RunConfig(BaseModel):
         """The settings a stage runs with: its section, plus the corpus for ingest and the run seed where unset."""
         if name == "ingest":
             return IngestSettings(corpus=self.corpus, **self.ingest.model_dump(exclude={"corpus"}))
+        if name == "select":
+            spaces = {n: sp.model_dump() for n, sp in self.embed.spaces.items()}
+            return SelectSettings(spaces=spaces, **self.select.model_dump(exclude={"spaces"}))
         if name in ("search", "mine"):
             cls = SearchSettings if name == "search" else MineSettings
             settings = cls.model_validate(self.mine.model_dump(include=set(cls.model_fields)))
@@ -138,8 +149,10 @@ def absolute_paths(cfg: RunConfig, cwd: Path | None = None) -> RunConfig:
         out = {k: _absolute(getattr(section, k), cwd) for k in _config_relative_fields(type(section)) if isinstance(getattr(section, k), str)}
         return {**out, "cache_dir": local(section.cache_dir)} if section.cache_dir else out
 
+    queries = [q.model_copy(update={"image": local(q.image)}) if q.image else q for q in cfg.select.queries]  # seed images
     return cfg.model_copy(update={
         "corpus": cfg.corpus.model_copy(update={"paths": [local(p) for p in cfg.corpus.paths]}),
+        "select": cfg.select.model_copy(update={"queries": queries}),
         "caption": cap.model_copy(update=files(cap)),
         "embed": cfg.embed.model_copy(update={"spaces": spaces}),
         "annotate": ann.model_copy(update={**steps, **files(ann)}),
@@ -251,6 +264,16 @@ def _resolve_files(data: dict, model: Any, folder: Path) -> None:
             data[k] = _absolute(v, folder)
         elif isinstance(v, dict) and _is_model(_child(model, k)):
             _resolve_files(v, _child(model, k), folder)
+        elif isinstance(v, list) and _is_model(item := _list_item(model, k)):  # e.g. select.queries' seed images
+            for x in v:
+                if isinstance(x, dict):
+                    _resolve_files(x, item, folder)
+
+
+def _list_item(model: Any, key: str) -> Any:
+    """The settings class of the items of a list field `key` of `model`, or None."""
+    child = _child(model, key)
+    return _unwrap(typing.get_args(child)[0]) if typing.get_origin(child) is list else None
 
 
 def _absolute(value: str, folder: Path) -> str:
@@ -301,6 +324,8 @@ def _walk(loc: tuple) -> tuple[str, Any]:
             node = _unwrap(node.model_fields[part].annotation)
         elif typing.get_origin(node) is dict:
             node = _unwrap(typing.get_args(node)[1])
+        elif typing.get_origin(node) is list and isinstance(part, int):  # an item of a list of settings (select.queries)
+            node = _unwrap(typing.get_args(node)[0])
         else:
             node = None
     return ".".join(names), node

@@ -337,6 +337,7 @@ def unit_plan(config: RunConfig, images: int, gpus: int | None = None, cpus: int
                    *caption_worker(config.caption, gpus)),
         StageUnits("embed", [Wave("a catalog shard, one per corpus shard", shards)], "the corpus's shards (reshard it smaller)", e.cpus,
                    e.gpus if e.gpus is not None else float(on_gpu(e.device, gpus))),
+        StageUnits("select", select_waves(config, shards), "the corpus's shards (reshard it smaller)", config.select.cpus, 0.0),
         StageUnits("search", [*index, Wave(f"~{m.queries_per_unit:,} queries", searches)], "mine.queries_per_unit", m.cpus,
                    m.gpus if m.gpus is not None else float(on_gpu(m.device, gpus))),
         StageUnits("mine", [Wave("one search unit's neighbour lists", searches)], "mine.queries_per_unit (one unit per search unit)", m.cpus, 0.0),
@@ -349,6 +350,15 @@ def unit_plan(config: RunConfig, images: int, gpus: int | None = None, cpus: int
         for s in stages:
             s.workers = worker_count(s.cpus, s.gpus, cpus, gpus, config.executor.actors if s.stage in model_stages else None)
     return stages
+
+
+def select_waves(config: RunConfig, shards: int) -> list[Wave]:
+    """select (stages/select.py): one unit that selects everything without queries; else the queries encoded,
+    every catalog shard scored, the top-N cutoffs merged, every shard's selection written."""
+    if not config.select.queries:
+        return [Wave("every image selected (no select.queries)", 1, sized=False)]
+    return [Wave("the queries, encoded", 1, sized=False), Wave("a catalog shard scored", shards),
+            Wave("the top-N cutoffs", 1, sized=False), Wave("a catalog shard's selection", shards)]
 
 
 def unit_warnings(s: StageUnits) -> list[str]:
@@ -376,7 +386,11 @@ def reference(key: str, device: str) -> Figure | None:
 
 
 def mined_count(config: RunConfig, images: int) -> int:
-    """Images in the mined corpus (`mine.corpus_fraction` of it): the base every query is searched against."""
+    """Images in the mined corpus (`mine.corpus_fraction` of it): the base every query is searched against. When every
+    select query keeps a top_n, at most their sum are selected; a threshold's count is known only once it has run."""
+    queries = config.select.queries
+    if queries and all(q.top_n is not None for q in queries):
+        images = min(images, sum(q.top_n for q in queries))
     return round(images * config.mine.corpus_fraction)
 
 
@@ -704,7 +718,7 @@ def format_units(plan: dict) -> list[str]:
         waves = ", then ".join(f"{w['units']:,} x {w['what']}" for w in s["waves"])
         line = f"  {s['stage']:<9} {waves}"
         if s["workers"] is not None:
-            widest = max(w["units"] for w in s["waves"] if w["sized"])
+            widest = max((w["units"] for w in s["waves"] if w["sized"]), default=1)
             each = f", {widest / s['workers']:,.1f} units each" if s["workers"] else ""
             line += f"\n  {'':<9} {s['workers']:,} worker{'s' if s['workers'] != 1 else ''} of {_needs_text(s['cpus'], s['gpus'])}{each}"
         lines.append(line)

@@ -30,7 +30,17 @@ def status_table(st: dict):
         table.add_row(
             name, _state(s), f"{s['units']['done']}/{s['units']['total']}", str(s["input"]), str(s["output"]), rejected, f"{s['seconds']:.1f}",
         )
+    if line := selected_line(st["stages"].get("select", {})):
+        table.caption = escape(line)
     return table
+
+
+def selected_line(summary: dict) -> str | None:
+    """`megasynth status`'s line on what each select query chose, or None when select ran without queries."""
+    counts = {k.removeprefix("selected."): n for k, n in summary.get("counters", {}).items() if k.startswith("selected.")}
+    if not counts:
+        return None
+    return f"select: {summary['output']} images selected; by query: " + ", ".join(f"{k} {n}" for k, n in counts.items())
 
 
 def _state(s: dict) -> str:

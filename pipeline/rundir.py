@@ -1,6 +1,6 @@
 """The run folder: where each stage writes, the ledger of finished units, and the run lock.
 
-    OUT/catalog/ captions/ embeddings/ neighbours/ pairs/ annotations/ triplets/   stage outputs
+    OUT/catalog/ captions/ embeddings/ selection/ neighbours/ pairs/ annotations/ triplets/   stage outputs
     OUT/_state/{stage}/stage.json        fingerprints, settings, planned units; or a reference
                                          to the run folder whose finished stage this run reuses
     OUT/_state/{stage}/units/{unit}.json one per finished unit: fingerprint, counters, seconds
@@ -35,7 +35,7 @@ from typing import Any
 from stages.base import Stats, Unit, remove_stale_tmp, write_bytes_atomic
 
 # The stages in pipeline order; runner.PIPELINE wires them (and checks it matches this).
-STAGE_NAMES = ("ingest", "caption", "embed", "search", "mine", "annotate", "write")
+STAGE_NAMES = ("ingest", "caption", "embed", "select", "search", "mine", "annotate", "write")
 
 
 class RunLocked(RuntimeError):

@@ -30,6 +30,7 @@ from stages.embed import EmbedStage
 from stages.ingest import IngestStage
 from stages.mine import MineStage
 from stages.search import SearchStage
+from stages.select import SelectStage
 from stages.write import WriteStage
 
 log = logging.getLogger("megasynth")
@@ -49,8 +50,9 @@ PIPELINE: tuple[StageWiring, ...] = (
     StageWiring(IngestStage, (), "catalog"),
     StageWiring(CaptionStage, ("catalog",), "captions"),
     StageWiring(EmbedStage, ("catalog", "captions"), "embeddings"),
-    StageWiring(SearchStage, ("catalog", "embeddings"), "neighbours"),
-    StageWiring(MineStage, ("catalog", "neighbours"), "pairs"),
+    StageWiring(SelectStage, ("catalog", "embeddings"), "selection"),
+    StageWiring(SearchStage, ("catalog", "embeddings", "selection"), "neighbours"),
+    StageWiring(MineStage, ("catalog", "neighbours", "selection"), "pairs"),
     StageWiring(AnnotateStage, ("catalog", "pairs"), "annotations"),
     StageWiring(WriteStage, ("catalog", "captions", "embeddings", "annotations"), "triplets"),
 )

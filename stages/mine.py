@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from stages import catalog, neighbours, pairs
+from stages import catalog, neighbours, pairs, selection
 from stages.base import Resources, Stage, Stats, Unit, atomic_path
 from stages.knn.exact import unpack
 
@@ -177,8 +177,7 @@ class MineStage(Stage):
     def plan(self) -> list[list[Unit]]:
         self.mined_spaces()  # fail before any unit runs
         s = self.settings
-        shards = catalog.shards(self.inputs["catalog"])
-        corpus = sum(catalog.ok_count(self.inputs["catalog"], sh) for sh in shards) * s.corpus_fraction
+        corpus = selection.images(self.inputs["catalog"], self.inputs.get("selection")) * s.corpus_fraction  # as search counts it
         t = neighbours.query_threshold(s.queries, round(corpus))
         return [[Unit(u, {"threshold": t}) for u in neighbours.units(self.inputs["neighbours"])]]
 

@@ -14,6 +14,9 @@ float16 vectors (`stages.knn.rescore`) and the top k+1 are kept in order of exac
 catalog position, so exact backends give identical lists, and rounding (float16, PQ) cannot
 move a neighbour across a band edge later.
 
+Only the images `select` chose take part (`stages.selection`; all of them when it was given no
+query): they alone are indexed and searched for, so every neighbour is one of them too.
+
 Units are ranges of catalog rows holding about `queries_per_unit` queries each, whatever the
 shard sizes. Neighbours are identified by their catalog position (shard, row), never by a
 corpus-wide table, so a worker's memory is bounded by its unit and one base shard, not by the
@@ -30,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, ValidationInfo, field_validator
 
-from stages import catalog, embeddings, neighbours, units
+from stages import catalog, embeddings, neighbours, selection, units
 from stages.base import Resources, Stage, Stats, Unit
 from stages.knn import device as knn_device
 from stages.knn import faiss_index
@@ -99,6 +102,7 @@ class SearchStage(Stage):
         self._indexes: dict[str, tuple] = {}  # space -> (file mtime, loaded index): loaded once per worker
         self._catalog_shards: dict[str, int] | None = None
         self._kept: dict[tuple[str, str], np.ndarray] = {}  # (space, shard) -> rows in the mined corpus
+        self._everything: bool | None = None  # whether select chose every image
 
     def resources(self) -> Resources:
         return Resources.of(self.settings.cpus, self.settings.gpus, self.device() == "cuda")
@@ -133,8 +137,7 @@ class SearchStage(Stage):
         """Queries are the images ranked below this (about `mine.queries` of the mined corpus)."""
         q = self.settings.queries
         if isinstance(q, int):
-            shards = catalog.shards(self.inputs["catalog"])
-            corpus = sum(catalog.ok_count(self.inputs["catalog"], s) for s in shards) * self.settings.corpus_fraction
+            corpus = selection.images(self.inputs["catalog"], self.inputs.get("selection")) * self.settings.corpus_fraction
             return neighbours.query_threshold(q, round(corpus))
         return neighbours.query_threshold(q, 0)
 
@@ -162,11 +165,27 @@ class SearchStage(Stage):
     def _query_units(self) -> list[Unit]:
         s = self.settings
         t = self.query_threshold()
-        share = (t / neighbours.FULL) * s.corpus_fraction
+        share = (t / neighbours.FULL) * s.corpus_fraction * self._selected_share()
         counts = units.row_counts(self.inputs["catalog"], catalog.shards(self.inputs["catalog"]))
         sliced = units.slice_rows(counts, units.rows_per_unit(s.queries_per_unit, share))
         return [Unit(f"queries-{i:05d}", {"slices": sl, "threshold": t}, items=round(units.unit_rows(sl) * share))
                 for i, sl in enumerate(sliced)]  # fmt: skip
+
+    def _selected_share(self) -> float:
+        """The share of accepted images select chose (1 when it chose every image)."""
+        if self._selects_all():
+            return 1.0
+        accepted = selection.images(self.inputs["catalog"], None)
+        return selection.images(self.inputs["catalog"], self.inputs["selection"]) / accepted if accepted else 0.0
+
+    def _selects_all(self) -> bool:
+        if self._everything is None:
+            self._everything = selection.everything(self.inputs.get("selection"))
+        return self._everything
+
+    def _filtered(self) -> bool:
+        """Whether some embedded images stay out: a corpus fraction, or a selection."""
+        return self.settings.corpus_fraction < 1 or not self._selects_all()
 
     # --- units -----------------------------------------------------------------------------
 
@@ -225,6 +244,8 @@ class SearchStage(Stage):
             t = units.read_slice(catalog.catalog_file(self.inputs["catalog"], shard), start, stop, ["id", "status"])
             shard_ids = t["id"].to_pylist()
             ok = np.asarray(pc.equal(t["status"], catalog.OK).fill_null(False)) & neighbours.in_corpus(shard_ids, self.settings.corpus_fraction)
+            if not self._selects_all():
+                ok &= selection.selected(t["id"].combine_chunks(), selection.ids(self.inputs["selection"], shard))
             rows, found = [], []
             for row in np.flatnonzero(ok):
                 rank = neighbours.query_rank(self.settings.seed, shard_ids[row])
@@ -286,7 +307,7 @@ class SearchStage(Stage):
 
     def _unfiltered(self, space: str, labels: np.ndarray) -> np.ndarray:
         """Labels into the shards as stored, from labels into the mined corpus's rows of them."""
-        if self.settings.corpus_fraction >= 1:
+        if not self._filtered():
             return labels
         names = embeddings.shards(self.inputs["embeddings"], space)
         out = labels.copy()
@@ -319,20 +340,32 @@ class SearchStage(Stage):
     def _base(self, space: str) -> Iterator[tuple[int, np.ndarray]]:
         """The mined corpus's float16 vectors of the space, shard by shard, the next one read while this one is searched."""
         emb = self.inputs["embeddings"]
+        filtered, dim = self._filtered(), self._dim(space) or 1
 
         def shards():
             for i, name in enumerate(embeddings.shards(emb, space)):
-                vectors = embeddings.load(emb, space, name, ("vectors",))[0]
-                yield i, vectors if self.settings.corpus_fraction >= 1 else vectors[self._kept_rows(space, name)]
+                if not filtered:
+                    yield i, embeddings.load(emb, space, name, ("vectors",))[0]
+                elif len(kept := self._kept_rows(space, name)):
+                    yield i, embeddings.load(emb, space, name, ("vectors",))[0][kept]
+                else:  # nothing of this shard takes part: its vectors are never read
+                    yield i, np.zeros((0, dim), np.float16)
 
         return prefetch(shards())
 
     def _kept_rows(self, space: str, shard: str) -> np.ndarray:
-        """Rows of one embeddings shard inside the mined corpus (all of them at corpus_fraction 1); kept per worker."""
+        """Rows of one embeddings shard inside the mined corpus (its corpus fraction, its selection); kept per worker."""
         key = (space, shard)
         if key not in self._kept:
+            chosen = None if self._selects_all() else selection.ids(self.inputs["selection"], shard)
+            if chosen is not None and len(chosen) == 0:
+                self._kept[key] = np.zeros(0, np.int64)  # nothing selected here: the shard's ids are never read
+                return self._kept[key]
             ids = embeddings.load(self.inputs["embeddings"], space, shard, ("ids",))[0].tolist()
-            self._kept[key] = np.flatnonzero(neighbours.in_corpus(ids, self.settings.corpus_fraction))
+            keep = neighbours.in_corpus(ids, self.settings.corpus_fraction)
+            if chosen is not None:
+                keep &= selection.selected(ids, chosen)
+            self._kept[key] = np.flatnonzero(keep)
         return self._kept[key]
 
     # --- catalog positions ---------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_cli_help_reads_as_people_expect():
 
     runner = CliRunner()
     run = runner.invoke(app, ["run", "--help"], prog_name="megasynth").output
-    assert "CONFIG" in run.splitlines()[0] and "<ray|local>" in run and "<ingest|caption|embed|search|mine|annotate|write>" in run
+    assert "CONFIG" in run.splitlines()[0] and "<ray|local>" in run and "<ingest|caption|embed|select|search|mine|annotate|write>" in run
     assert "--replace  " in run and "<bool>" not in run and "Examples:\n    megasynth run configs/demo.yaml" in run
     status = runner.invoke(app, ["status", "--help"], prog_name="megasynth").output
     assert "RUN_DIR" in status.splitlines()[0] and "--json  machine-readable" in status
