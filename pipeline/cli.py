@@ -69,6 +69,55 @@ def make_corpus(
     console.print(f"corpus: {summary['images']} images in {summary['shards']} shards under {out}")
 
 
+ResizeMode = Enum("ResizeMode", {m: m for m in ("keep_ratio", "keep_ratio_largest", "center_crop", "border", "no")}, type=str)
+
+
+@app.command(epilog="\b\nExamples:\n  megasynth fetch 'recap/data/train_data/train-0000{0..9}-of-03550.parquet' --out /data/recap-shards\n"
+             "  megasynth fetch urls.parquet --out shards --caption-col caption --re-caption-col recaption --keep uid\n"
+             "  megasynth run configs/megapairs.yaml --corpus '/data/recap-shards/*.tar'")  # fmt: skip
+def fetch(
+    urls: List[str] = typer.Argument(..., metavar="URLS...", help="parquet URL tables, globs or {a..b} braces (Recap-DataComp-1B's data/train_data/*.parquet)"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="folder for the tar shards; rerun into it to resume"),
+    url_col: str = typer.Option("url", "--url-col", metavar="COL", help="the URL column"),
+    caption_col: str = typer.Option("org_caption", "--caption-col", metavar="COL", help="the original caption: `caption` in each sample's json and its .txt"),
+    re_caption_col: str = typer.Option("re_caption", "--re-caption-col", metavar="COL", help="the re-caption: `re_caption` in each sample's json ('' if none)"),
+    keep: Optional[List[str]] = typer.Option(None, "--keep", metavar="COL", help="a further column kept in the json (repeatable; default: every other column; key/sha256 become source_key/source_sha256)"),
+    verify_hash: Optional[str] = typer.Option(None, "--verify-hash", metavar="COL", help="a column of sha256 hex digests: an image whose bytes differ fails as hash_mismatch"),
+    image_size: int = typer.Option(512, "--image-size", min=1, metavar="PX", help="target side in pixels (see --resize-mode)"),
+    resize_mode: ResizeMode = typer.Option("keep_ratio", "--resize-mode", help="img2dataset's: keep_ratio scales the short side to --image-size"),
+    upscale: bool = typer.Option(False, "--upscale", help="also enlarge smaller images (default: only shrink)"),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, metavar="N", help="URLs per shard"),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, metavar="N", help="download processes (default: the CPU count)"),
+    threads: int = typer.Option(64, "--threads", min=1, metavar="N", help="download threads per process"),
+    timeout: int = typer.Option(10, "--timeout", min=1, metavar="S", help="seconds before a URL fails as timeout"),
+    retries: int = typer.Option(0, "--retries", min=0, metavar="N", help="further tries of a URL that failed to download"),
+    json_: bool = typer.Option(False, "--json", help="machine-readable summary"),
+) -> None:
+    """Download Recap-DataComp-style URL tables into the WebDataset shards `megasynth run` reads, with img2dataset;
+    print URLs in, images written and failures by reason."""
+    import json
+
+    from pipeline import fetch as fetching
+
+    try:
+        s = fetching.fetch(urls, out, url_col=url_col, caption_col=caption_col or None, re_caption_col=re_caption_col or None,
+                           keep=keep or None, verify_hash=verify_hash, image_size=image_size, resize_mode=resize_mode.value,
+                           upscale=upscale, shard_size=shard_size, processes=processes, threads=threads, timeout=timeout,
+                           retries=retries)  # fmt: skip
+    except USER_ERRORS as e:
+        _fail(str(e))
+    if json_:
+        typer.echo(json.dumps(s.to_dict(), indent=1))
+    else:
+        Console().print(fetching.summary_table(s))
+    if s.written == 0:
+        _fail(f"no image was downloaded from {s.urls} URLs (reasons above); nothing for `megasynth run` to read")
+    if s.not_done:
+        console.print(f"[yellow]{s.not_done} URLs in {s.shards - s.shards_done} shards not finished:[/yellow] rerun the same command to retry them")
+        raise typer.Exit(1)
+    console.print(f"[green]{s.written} images[/green] in {s.shards} shards: megasynth run CONFIG --corpus '{out}/*.tar'")
+
+
 @app.command(epilog="\b\nExamples:\n  megasynth run configs/demo.yaml --out runs/demo\n  megasynth run configs/megapairs.yaml --corpus 'recap/{00000..01999}.tar' --ray-address auto --out /shared/run\n  megasynth run configs/demo.yaml --out runs/no-hn --set mine.hard_negatives=0 --reuse runs/demo")
 def run(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config, e.g. configs/demo.yaml"),
