@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from stages import catalog
 
 SCHEMA = pa.schema(
     [
@@ -50,14 +51,5 @@ def texts(folder: Path, shard: str) -> dict[str, str | None]:
 
 
 def lookup(folder: Path, ids: set[str], columns: list[str] = ("text", "source", "model")) -> dict[str, dict]:
-    """Caption rows by catalog id, reading only the shards those ids come from (id = "{shard}/{key}")."""
-    by_shard: dict[str, set[str]] = {}
-    for i in ids:
-        by_shard.setdefault(i.split("/", 1)[0], set()).add(i)
-    cols = list(dict.fromkeys(["id", *columns]))
-    out: dict[str, dict] = {}
-    for shard, wanted in sorted(by_shard.items()):
-        table = read(folder, shard, cols)
-        for row in table.filter(pc.is_in(table["id"], pa.array(sorted(wanted)))).to_pylist():
-            out[row["id"]] = row
-    return out
+    """Caption rows by catalog id, reading only the shards those ids come from."""
+    return catalog.rows_by_id(lambda shard, cols: read(folder, shard, cols), ids, list(columns))

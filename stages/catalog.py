@@ -136,14 +136,19 @@ def read_image_bytes(ref: ImageRef) -> bytes:
 
 def lookup(folder: Path, ids: set[str], columns: list[str]) -> dict[str, dict]:
     """Accepted catalog rows by id, reading only the shards those ids come from (id = "{shard}/{key}")."""
+    return rows_by_id(lambda shard, cols: read(folder, shard, columns=cols), ids, columns)
+
+
+def rows_by_id(read_shard, ids: set[str], columns: list[str]) -> dict[str, dict]:
+    """Rows of a per-shard table (the catalog, the captions) by id: `read_shard(shard, columns)` is called once for
+    each shard the ids come from (id = "{shard}/{key}")."""
     by_shard: dict[str, set[str]] = {}
     for i in ids:
         by_shard.setdefault(i.split("/", 1)[0], set()).add(i)
     cols = list(dict.fromkeys(["id", *columns]))
     out: dict[str, dict] = {}
     for shard, wanted in sorted(by_shard.items()):
-        table = read(folder, shard, columns=cols)
-        table = table.filter(pc.is_in(table["id"], pa.array(sorted(wanted))))
-        for row in table.to_pylist():
+        table = read_shard(shard, cols)
+        for row in table.filter(pc.is_in(table["id"], pa.array(sorted(wanted)))).to_pylist():
             out[row["id"]] = row
     return out

@@ -53,8 +53,8 @@ def bare_run(corpus, pipeline_config, text_models, tmp_path_factory) -> tuple[Pa
     folder = _bare_folder(corpus, root / "images", 24)
     cfg = yaml.safe_load(pipeline_config.read_text())
     cfg["corpus"] = {"paths": [str(folder)]}
-    cfg["caption"] = {"captioner": {"model": str(text_models["describer"]), "batch_size": 12, "max_new_tokens": 60, "device": "cpu"},
-                      "words": [3, 80]}  # fmt: skip
+    cfg["caption"] = {"captioner": {"model": str(text_models["describer"]), "batch_size": 12, "max_new_tokens": 200, "device": "cpu"},
+                      "words": [3, 160]}  # fmt: skip
     path = root / "bare.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = root / "run"

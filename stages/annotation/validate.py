@@ -144,20 +144,7 @@ def words(text: str) -> list[str]:
 
 
 def check_description(text: str, bounds: Bounds, rules: Rules = ENGLISH) -> str:
-    text = LEADING_LABEL.sub("", " ".join(text.split()))
-    if not text:
-        raise Invalid("empty_description")
-    _check_text(text, rules)
-    n = len(words(text))
-    if n < bounds.min_words:
-        raise Invalid("description_too_short")
-    if n > bounds.max_words:
-        raise Invalid("description_too_long")
-    if repetitive(text):
-        raise Invalid("repetitive")
-    if not reads_as_prose(text, rules.language):
-        raise Invalid("gibberish")
-    return text
+    return _check_prose(LEADING_LABEL.sub("", " ".join(text.split())), "description", bounds, rules)
 
 
 CAPTION_LABEL = re.compile(r"^\W*(?:caption|description)\W*:\W*", re.IGNORECASE)  # "Caption: A red ..." keeps its content
@@ -166,21 +153,27 @@ CAPTION_LABEL = re.compile(r"^\W*(?:caption|description)\W*:\W*", re.IGNORECASE)
 def check_caption(text: str, bounds: Bounds, rules: Rules = ENGLISH) -> str:
     """A generated caption: one piece of prose about the image, within `bounds` words, in the rules' language."""
     text = CAPTION_LABEL.sub("", " ".join(text.split())).strip('"')
-    if not text:
-        raise Invalid("empty_caption")
-    if _refuses(text):
+    if text and _refuses(text):
         raise Invalid("refusal")
+    return _check_prose(text, "caption", bounds, rules)
+
+
+def _check_prose(text: str, what: str, bounds: Bounds, rules: Rules) -> str:
+    """One paragraph of `what` (description, caption): present, in the rules' language, within bounds, prose."""
+    if not text:
+        raise Invalid(f"empty_{what}")
     _check_text(text, rules)
     n = len(words(text))
     if n < bounds.min_words:
-        raise Invalid("caption_too_short")
+        raise Invalid(f"{what}_too_short")
     if n > bounds.max_words:
-        raise Invalid("caption_too_long")
+        raise Invalid(f"{what}_too_long")
     if repetitive(text):
         raise Invalid("repetitive")
     if not reads_as_prose(text, rules.language):
         raise Invalid("gibberish")
     return text
+
 
 def parse_instructions(
     text: str, n: int, bounds: Bounds, captions: list[str | None] = (), rules: Rules = ENGLISH, demonstrations: list[str] = ()
