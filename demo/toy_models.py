@@ -44,6 +44,7 @@ from stages.annotation.prompts import (
 
 DESCRIBE_PROMPT = "describe-v1"
 INSTRUCT_PROMPT = "instruct-v1"
+CAPTION_PROMPT = "caption-v1"
 IMAGE_SIZE = 64  # pixels per side after the processor's resize + crop
 PATCH_SIZE = 16  # (64 / 16)^2 = 16 tokens per image
 MAX_LEN = 1536  # longest training sequence, in tokens (5 demonstrations fit)
@@ -586,8 +587,25 @@ def describer_examples(pairs: list[Pair], processor, seed: int) -> list[Example]
     return examples
 
 
+def caption_examples(samples: list[CaptionedImage], count: int, processor, seed: int) -> list[Example]:
+    """One image with the caption prompt, answered by its corpus caption: so the demo's VLM also serves as its captioner
+    (`caption.captioner` in configs/demo.yaml) on a folder of bare images."""
+    rng = random.Random(seed)
+    template = load_prompt(CAPTION_PROMPT)
+    examples = []
+    for sample in rng.sample(samples, min(count, len(samples))):
+        text = template.render(caption="(none)")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = processor(text=[prompt], images=[[sample.image]], return_tensors="pt")
+        answer = sample.captions[0]  # the short alt-text caption: within caption-v1's word bounds
+        examples.append(answer_example(enc["input_ids"][0].tolist(), answer, processor.tokenizer, enc["pixel_values"]))
+    return examples
+
+
 def build_describer(out_dir, corpus: str | list[str], steps: int = 240, seed: int = 0) -> Path:
-    """Train the toy describe VLM on the corpus and save model + processor to `out_dir`."""
+    """Train the toy describe VLM on the corpus and save model + processor to `out_dir`; a fifth of its steps go to
+    captioning single images."""
     torch.manual_seed(seed)
     out_dir = fresh_dir(out_dir)
     samples = read_corpus(corpus)
@@ -596,11 +614,12 @@ def build_describer(out_dir, corpus: str | list[str], steps: int = 240, seed: in
     model = describer_model(tokenizer)
     pairs = mine_pairs(samples, min(steps * 8, 2400), random.Random(seed + 2))
     examples = describer_examples(pairs, processor, seed + 3)
-    report = train(model, [(examples, steps)], tokenizer.pad_token_id, seed + 4)
+    captions = caption_examples(samples, len(examples) // 4, processor, seed + 5)
+    report = train(model, [(examples + captions, steps)], tokenizer.pad_token_id, seed + 4)
     set_end_of_turn(model, tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    write_report(out_dir, report, examples=len(examples), images=len(samples))
+    write_report(out_dir, report, examples=len(examples), caption_examples=len(captions), images=len(samples))
     return out_dir
 
 
