@@ -60,6 +60,7 @@ def test_a_domain_config_runs_with_its_own_prompts_and_demonstrations(pipeline_c
     local = {  # the test models and a small mining setup; everything else comes from the domain config
         "extends": str(DOMAIN),
         "corpus": {"paths": [str(product_folder(tmp_path / "products"))]},
+        "caption": {"captioner": test["annotate"]["describer"]},  # every product has its title: nothing is generated
         "embed": test["embed"],
         "mine": {"k": 6, "bands": test["mine"]["bands"], "queries_per_unit": 20, "pairs_per_query": 1, "hard_negatives": 2},
         "annotate": {step: test["annotate"][step] for step in ("describer", "instructor")} | {"retries": 0},

@@ -198,6 +198,7 @@ def test_pipeline_runs_through_a_hostile_shard(image_models, corpus, tmp_path, m
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real_pread(fd, size, offset)
 
+    runner.run(cfg, out, only="caption", progress=False)  # the caption table embed reads: the corpus's own captions
     monkeypatch.setattr(os, "pread", flaky_pread)
     with caplog.at_level(logging.WARNING, logger="megasynth"):
         summary = runner.run(cfg, out, only="embed", progress=False)

@@ -60,7 +60,9 @@ def test_probe_reports_recall_and_repeats_exactly(local_run, tmp_path):
 
 def test_instructions_that_fit_their_pairs_beat_the_same_ones_shuffled(local_run, tmp_path):
     # The test run's toy instructions carry little a head can learn from 60 triplets; an instruction naming
-    # the target (its caption) carries plenty. Shuffled across pairs, the same texts must score lower.
+    # the target (its caption) carries plenty. Shuffled across pairs, the same texts must score lower. The head
+    # trains to its last step (validation 0): with ~60 training triplets, a validation share of 6 picks its step
+    # by chance, and the margin measured on runs of this test's size was 0.9 to 1.05 this way, -0.36 to 0.2 that way.
     captions = {}
     for shard in catalog.shards(local_run / "catalog"):
         for r in catalog.read(local_run / "catalog", shard, columns=["id", "caption", "re_caption"]).to_pylist():
@@ -75,10 +77,10 @@ def test_instructions_that_fit_their_pairs_beat_the_same_ones_shuffled(local_run
     fit_run, shuffled_run = copy_run(local_run, tmp_path / "fit"), copy_run(local_run, tmp_path / "shuffled")
     rewrite_instructions(fit_run, fitting)
     rewrite_instructions(shuffled_run, shuffled)
-    settings = FAST.model_copy(update={"ground_truth": 0})
+    settings = FAST.model_copy(update={"ground_truth": 0, "validation": 0})
     good, bad = probe(fit_run, settings), probe(shuffled_run, settings)
     assert good["ground_truth"] is None
-    assert sum(recalls(good["held_out"])) > sum(recalls(bad["held_out"])) + 0.3, (good["held_out"], bad["held_out"])
+    assert sum(recalls(good["held_out"])) > sum(recalls(bad["held_out"])) + 0.5, (good["held_out"], bad["held_out"])
     assert good["train"]["kept_step"] > 0  # it learned something from them
     assert sum(recalls(good["held_out"])) > sum(recalls(good["held_out"]["query_only"]))
 
