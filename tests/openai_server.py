@@ -21,14 +21,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from stages.annotation.backends import ChatRequest, TransformersSettings, make_generator
+from stages.annotation.backends import ChatRequest, Failed, TransformersSettings, make_generator
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
 @dataclass
 class Fault:
-    kind: str  # "429", "503", "500", "400", "hang", "slow" (answers after hang_s), "trickle", "malformed", "refuse"
+    kind: str  # "429", "503", "500", "400", "hang", "slow" (answers after hang_s), "trickle", "malformed", "refuse",
+    # "length" (the answer's start, cut off at max_tokens: finish_reason "length")
     retry_after: str | None = None
     hang_s: float = 2.0  # "trickle": the pause between two bytes of the body
 
@@ -41,6 +42,7 @@ class ServerState:
     poison: str | None = None  # a prompt holding this text gets HTTP 500, every time
     faults: deque = field(default_factory=deque)
     log: list = field(default_factory=list)  # (time, status, seed, model) per request
+    prompts: list = field(default_factory=list)  # (model, prompt text) per chat request received: what a model was shown
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: int = 0
     peak_in_flight: int = 0
@@ -113,6 +115,7 @@ def make_handler(state: ServerState):
             seed = payload.get("seed")
             if not urllib.parse.urlsplit(self.path).path.endswith("/chat/completions"):
                 return self._send(404, b'{"error": "not found"}')
+            state.prompts.append((payload.get("model"), _request_of(payload).text))
             if not self._authorised():
                 state.log.append((time.time(), 401, seed, payload.get("model")))
                 return self._send(401, b'{"error": {"message": "invalid api key"}}')
@@ -158,9 +161,17 @@ def make_handler(state: ServerState):
             else:
                 with state.lock:  # one generation at a time: the tiny models run on the test's CPU
                     text = model.generate([_request_of(payload)])[0]
+            finish = "stop"
+            if fault is not None and fault.kind == "length" and isinstance(text, str):
+                text, finish = text[: len(text) // 2], "length"
+            if isinstance(text, Failed):  # the local model could not answer it: as a real server says so
+                if text.reason != "unfinished":
+                    state.log.append((time.time(), 400, seed, payload.get("model")))
+                    return self._send(400, json.dumps({"error": {"message": text.reason}}).encode())
+                text, finish = "", "length"  # it ran into max_tokens
             state.log.append((time.time(), 200, seed, payload.get("model")))
             body = {"id": "cmpl-test", "object": "chat.completion", "model": payload["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}  # fmt: skip
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]}  # fmt: skip
             self._send(200, json.dumps(body).encode())
 
         def _trickle(self, pause_s: float) -> None:

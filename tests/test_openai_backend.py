@@ -187,6 +187,13 @@ def test_the_annotate_stage_splits_an_endpoints_concurrency_between_its_workers(
     assert (stage.describer.concurrency, stage.instructor.concurrency) == (4, 1)
 
 
+def test_an_answer_cut_off_at_max_tokens_is_unfinished(server):
+    """finish_reason "length": the text may read as whole, but the model had more to say; as the other backends do."""
+    server.inject(Fault("length"))
+    answers = client(server, max_concurrency=1).generate([REQ, REQ])
+    assert answers[0] == Failed("unfinished") and isinstance(answers[1], str) and answers[1]
+
+
 def test_a_prompt_that_cannot_be_sent_fails_only_its_request(server):
     bad = ChatRequest("Description: a caption with a lone surrogate \udc80 in it.\nInstructions:", (), seed=3)
     answers = client(server).generate([REQ, bad, REQ])

@@ -6,8 +6,9 @@ Every backend samples with the request's own seed, so an answer depends on the r
 its seed only, never on which requests shared its batch: reruns, resumed runs and the
 answer cache all agree.
 
-- `transformers`: the model runs in the worker; batched `generate`, requests sorted by
-  length, left padding, per-request sampling.
+- `transformers`: the model runs in the worker; its own chat template, batched `generate`,
+  requests sorted by length, left padding, per-request sampling; an answer ends at the model's
+  end-of-turn token, and one cut off by `max_new_tokens` fails as `unfinished`.
 - `openai`: any OpenAI-compatible chat-completions endpoint (vLLM serve, SGLang, TGI, a
   hosted API), with concurrency bounded across all workers, a deadline per request, capped
   retries, and credentials kept out of every file and log.
@@ -159,15 +160,16 @@ def _backend_of(v) -> str:
     return v.get("backend", "transformers") if isinstance(v, dict) else getattr(v, "backend", "transformers")
 
 
-# `backend` chooses the settings class; transformers when it is left out.
-GeneratorSettings = Annotated[
-    Union[
-        Annotated[TransformersSettings, Tag("transformers")],
-        Annotated[OpenAISettings, Tag("openai")],
-        Annotated[VLLMSettings, Tag("vllm")],
-    ],
-    Discriminator(_backend_of),
-]
+def backend_union(transformers: type, openai: type, vllm: type):
+    """A settings type whose `backend` chooses the class (transformers when it is left out); a step with settings of
+    its own passes its subclasses of the three."""
+    return Annotated[
+        Union[Annotated[transformers, Tag("transformers")], Annotated[openai, Tag("openai")], Annotated[vllm, Tag("vllm")]],
+        Discriminator(_backend_of),
+    ]
+
+
+GeneratorSettings = backend_union(TransformersSettings, OpenAISettings, VLLMSettings)
 
 
 def make_generator(settings, vision: bool, workers: int = 1) -> Generator:
@@ -310,9 +312,17 @@ class TransformersGenerator:
             self.processor = self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
             self.model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
         self.model.to(self.device).eval()
-        self.tokenizer.padding_side = "left"
+        if not getattr(self.processor, "chat_template", None):
+            raise BackendError(f"{settings.model} has no chat template (a base model, or a folder saved without its "
+                               "tokenizer's chat_template): annotate asks instruction-tuned chat models")  # fmt: skip
+        self.tokenizer.padding_side = "left"  # batched prompts end where generation starts
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Where an answer ends: the model's end-of-turn token(s) (generation_config) and the tokenizer's end of sequence.
+        self.stop_ids = sorted(stop_tokens(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id))
+        if not self.stop_ids:
+            raise BackendError(f"{settings.model} names no end-of-sequence token (generation_config.json eos_token_id, or "
+                               "the tokenizer's eos_token): generation could not stop at the end of an answer")  # fmt: skip
         # Sampling happens in PerRequestSampler; the model's own sampling defaults must not apply.
         self.model.generation_config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
@@ -339,7 +349,7 @@ class TransformersGenerator:
         raise_if_backend_at_fault(requests, errors)
         return out
 
-    def _generate_batch(self, prompts: list[str], requests: list[ChatRequest]) -> list[str]:
+    def _generate_batch(self, prompts: list[str], requests: list[ChatRequest]) -> list[Answer]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -354,10 +364,29 @@ class TransformersGenerator:
         with torch.inference_mode():
             generated = self.model.generate(
                 **inputs, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList([sampler]), **extra,
+                eos_token_id=self.stop_ids, logits_processor=LogitsProcessorList([sampler]), **extra,
             )  # fmt: skip
-        new = generated[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        new = generated[:, inputs["input_ids"].shape[1] :].tolist()
+        return [self._answer(row) for row in new]
+
+    def _answer(self, ids: list[int]) -> Answer:
+        """The text before the first stop token, special tokens kept (a chat-template token written inside an answer
+        is a leak for validation to see, not to be erased); `Failed("unfinished")` when max_new_tokens came first."""
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        if end is None:
+            return Failed("unfinished")  # cut off mid-sentence or mid-list: no wording check can tell, the stop token does
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=False).strip()
+
+
+def stop_tokens(*ids) -> set[int]:
+    """Token ids from a mix of ints, lists of ints and Nones (generation_config.eos_token_id may be any of them)."""
+    out: set[int] = set()
+    for i in ids:
+        if isinstance(i, int):
+            out.add(i)
+        elif isinstance(i, (list, tuple)):
+            out |= stop_tokens(*i)
+    return out
 
 
 # --- openai-compatible endpoints -----------------------------------------------------------------
@@ -567,13 +596,17 @@ def _key_source(s: OpenAISettings) -> str:
     return " (the credentials in base_url)" if urllib.parse.urlsplit(s.base_url).username is not None else " (none was sent: set api_key_env)"
 
 
-def _answer_of(response) -> str | None:
-    """The completion's text, or None when the body is not a chat completion."""
+def _answer_of(response) -> Answer | None:
+    """The completion's text; `Failed("unfinished")` when it stopped at max_tokens (finish_reason "length"), as the
+    other backends do; None when the body is not a chat completion."""
     try:
-        content = response.json()["choices"][0]["message"]["content"]
+        choice = response.json()["choices"][0]
+        content = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
-    return content.strip() if isinstance(content, str) else None
+    if not isinstance(content, str):
+        return None
+    return Failed("unfinished") if choice.get("finish_reason") == "length" else content.strip()
 
 
 def _retry_after(value: str | None, default: float, cap: float) -> float:
@@ -672,9 +705,17 @@ class VLLMGenerator:
         def chat(part: list[ChatRequest]) -> list[Answer]:
             params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=r.seed) for r in part]
             outputs = self.llm.chat([chat_messages(r, s.image_quality) for r in part], sampling_params=params, use_tqdm=False)
-            return [o.outputs[0].text.strip() if o.outputs else Failed("empty_output") for o in outputs]
+            return [_vllm_answer(o) for o in outputs]
 
         errors: list[BaseException] = []
         answers = isolate_failures(chat, list(requests), errors)  # vLLM refuses a whole call for one prompt past max_model_len
         raise_if_backend_at_fault(requests, errors)
         return answers
+
+
+def _vllm_answer(output) -> Answer:
+    """A vLLM RequestOutput's text; `Failed("unfinished")` when generation stopped at max_tokens."""
+    if not output.outputs:
+        return Failed("empty_output")
+    first = output.outputs[0]
+    return Failed("unfinished") if first.finish_reason == "length" else first.text.strip()
