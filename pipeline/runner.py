@@ -53,7 +53,7 @@ PIPELINE: tuple[StageWiring, ...] = (
     StageWiring(SelectStage, ("catalog", "embeddings"), "selection"),
     StageWiring(SearchStage, ("catalog", "embeddings", "selection"), "neighbours"),
     StageWiring(MineStage, ("catalog", "neighbours", "selection"), "pairs"),
-    StageWiring(AnnotateStage, ("catalog", "pairs"), "annotations"),
+    StageWiring(AnnotateStage, ("catalog", "captions", "pairs"), "annotations"),
     StageWiring(WriteStage, ("catalog", "captions", "embeddings", "annotations"), "triplets"),
 )
 assert tuple(w.cls.name for w in PIPELINE) == STAGE_NAMES, "rundir.STAGE_NAMES must list PIPELINE's stages in order"

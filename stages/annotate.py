@@ -1,9 +1,12 @@
-"""annotate: a relation description per pair (VLM), then retrieval instructions (LLM).
+"""annotate: a relation description per pair (VLM, or a text LLM), then retrieval instructions (LLM).
 
 Units are ranges of about `pairs_per_unit` pairs, whatever the layout of the pairs files.
-The describer sees the query and target images with their captions and writes about
+The describer sees the query and target images with the caption each is known by (the caption
+stage's table, `caption.use`) and writes about
 WORD_NUM words (drawn per request from 60..100) on what they share and how the target
-differs; the instructor turns that description into
+differs; a text describer (`describer.kind: text`) writes it from the two captions alone, plus
+the images' `attributes` when the corpus keeps them (`corpus.keep_fields`), and no image is
+loaded. The instructor turns that description into
 `instructions_per_pair` instructions, prompted with demonstrations drawn per request from
 the pool. Every answer is validated; a failing one is retried with a fresh seed, then the
 pair is rejected with the reason. A pair whose image cannot be read or decoded is rejected
@@ -14,22 +17,24 @@ instructed before the next, so the answer cache holds every finished chunk's wor
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from stages import annotations, catalog, pairs, units
+from stages import annotations, captions, catalog, pairs, units
 from stages.annotation import prompts
 from stages.annotation.backends import (
-    ChatRequest, Failed, GeneratorSettings, TransformersSettings, api_key, check_endpoint, check_transport, gpus_needed, make_generator,
+    ChatRequest, GeneratorSettings, OpenAISettings, TransformersSettings, VLLMSettings, api_key, backend_union,
+    check_endpoint, check_transport, gpus_needed, make_generator,
 )  # fmt: skip
-from stages.annotation.cache import AnswerCache, request_key
-from stages.annotation.validate import Bounds, Invalid, Rules, check_description, parse_instructions
+from stages.annotation.asking import Asker
+from stages.annotation.cache import AnswerCache, reused_cache
+from stages.annotation.validate import Bounds, Language, Rules, WordBounds, check_description, parse_instructions
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path, is_transient
 from stages.images import open_image
 from stages.models.encoders import check_model_path
@@ -43,12 +48,39 @@ CONFIG_RELATIVE = {"relative_to_config": True}
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+DescriberKind = Literal["vision", "text"]
+KIND = Field("vision", description=(
+    "vision: a VLM shown both images and their captions; text: a text LLM that writes the description from the two "
+    "captions (and the images' `attributes` when the corpus keeps them), no image loaded: for machines without a VLM, "
+    "and an ablation against the VLM"))  # fmt: skip
+DESCRIBE_TEXT_PROMPT = "describe-text-v1"  # a text describer's default prompt
+
+
+class TransformersDescriber(TransformersSettings):
+    kind: DescriberKind = KIND
+
+
+class OpenAIDescriber(OpenAISettings):
+    kind: DescriberKind = KIND
+
+
+class VLLMDescriber(VLLMSettings):
+    kind: DescriberKind = KIND
+
+
+DescriberSettings = backend_union(TransformersDescriber, OpenAIDescriber, VLLMDescriber)
+
+
 class AnnotateSettings(StageSettings):
-    describer: GeneratorSettings = TransformersSettings(model="Qwen/Qwen2-VL-7B-Instruct", max_new_tokens=192)
+    describer: DescriberSettings = TransformersDescriber(model="Qwen/Qwen2-VL-7B-Instruct", max_new_tokens=192)
     instructor: GeneratorSettings = TransformersSettings(model="meta-llama/Meta-Llama-3-8B-Instruct", max_new_tokens=160)
     describe_prompt: str = Field("describe-v1", json_schema_extra=CONFIG_RELATIVE, description=(
-        "a packaged prompt (describe-v1) or a .txt template of your own, relative to the config file that names it; "
-        "its fields: {query_caption}, {target_caption}, {word_num}"))
+        "a packaged prompt (describe-v1; describe-text-v1, the default of a text describer) or a .txt template of "
+        "your own, relative to the config file that names it; its fields: {query_caption}, {target_caption}, "
+        "{query_attributes}, {target_attributes}, {word_num}"))
+    describe_attributes: list[str] | None = Field(None, description=(
+        "the keys of an image's `attributes` (a field kept by corpus.keep_fields) that {query_attributes} and "
+        "{target_attributes} show, in this order; default: all of them"))
     instruct_prompt: str = Field("instruct-v1", json_schema_extra=CONFIG_RELATIVE, description=(
         "a packaged prompt (instruct-v1) or a .txt template of your own, relative to the config file that names it; "
         "its fields: {description} (required), {demonstrations}, {n}"))
@@ -61,14 +93,13 @@ class AnnotateSettings(StageSettings):
     image_side: int = Field(448, gt=0, description="longer side of the images shown to the describer")
     describe_chunk: int = Field(256, gt=0, description="pairs described per call to the backend (their images stay in memory)")
     pairs_per_unit: int = Field(10_000, gt=0, description="pairs per annotate unit: several units per worker keep every GPU busy")
-    description_words: tuple[int, int] = Field((20, 160), description="bounds of a description, in words (Chinese, Japanese: characters)")
-    instruction_words: tuple[int, int] = Field((4, 40), description="bounds of each instruction, in words (Chinese, Japanese: characters)")
-    language: str = Field("en", description="ISO 639-1 code of the language answers must be written in (your prompts ask "
+    description_words: WordBounds = Field((20, 160), description="bounds of a description, in words (Chinese, Japanese: characters)")
+    instruction_words: WordBounds = Field((4, 40), description="bounds of each instruction, in words (Chinese, Japanese: characters)")
+    language: Language = Field("en", description="ISO 639-1 code of the language answers must be written in (your prompts ask "
                                             "for it); answers in another are rejected as wrong_language")
     banned_phrases_file: str | None = Field(None, json_schema_extra=CONFIG_RELATIVE, description=(
         "phrases no description or instruction may hold (whole words, any case), one per line, # for comments; "
         "relative to the config file that names it"))
-    caption_field: Literal["caption", "re_caption"] = "caption"
     cache: bool = Field(True, description="reuse raw answers keyed by request, model, sampling and seed")
     cache_dir: str | None = Field(None, description="where the answer cache lives (one folder that all workers of all nodes "
                                                     "share; runs pointed at one folder share answers); default: the run folder's cache/")
@@ -76,11 +107,39 @@ class AnnotateSettings(StageSettings):
     cpus: float = Field(1.0, gt=0)
     gpus: float | None = Field(None, ge=0, description="per worker; default: what the backends need")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _describer_settings(cls, data):
+        """A describer given as plain generator settings (TransformersSettings(...)) is a vision one; a text describer
+        left on the default prompt gets the one written for it."""
+        if not isinstance(data, dict):
+            return data
+        d = data.get("describer")
+        if isinstance(d, (TransformersSettings, OpenAISettings, VLLMSettings)) and not hasattr(d, "kind"):
+            data = {**data, "describer": {"backend": d.backend, **{k: getattr(d, k) for k in d.model_fields_set}}}
+        if "describe_prompt" not in data and _kind_of(data.get("describer")) == "text":
+            data = {**data, "describe_prompt": DESCRIBE_TEXT_PROMPT}
+        return data
+
     @field_validator("describe_prompt")
     @classmethod
     def _describe_template(cls, v: str) -> str:
         prompts.check_template(prompts.load_prompt(v), prompts.DESCRIBE_FIELDS)
         return v
+
+    @model_validator(mode="after")
+    def _describer_sees_its_prompt(self) -> "AnnotateSettings":
+        if self.describer.kind != "text":
+            return self
+        template = prompts.load_prompt(self.describe_prompt)
+        if template.name in prompts.VISION_PROMPTS:
+            raise ValueError(f"describe_prompt {template.name!r} speaks of the images shown with it, and a text describer "
+                             f"(describer.kind: text) is shown none: use {DESCRIBE_TEXT_PROMPT!r} or a prompt of your own")  # fmt: skip
+        for image in ("query", "target"):
+            if not {f"{image}_caption", f"{image}_attributes"} & template.fields():
+                raise ValueError(f"describe_prompt {template.name!r}: a text describer knows the {image} image only from "
+                                 f"{{{image}_caption}} or {{{image}_attributes}}, and the prompt has neither")  # fmt: skip
+        return self
 
     @field_validator("instruct_prompt")
     @classmethod
@@ -102,25 +161,12 @@ class AnnotateSettings(StageSettings):
             prompts.load_phrases(v)
         return v
 
-    @field_validator("language")
-    @classmethod
-    def _known_language(cls, v: str) -> str:
-        Rules(language=v)
-        return v
-
     @model_validator(mode="after")
     def _demonstrations_shown(self) -> "AnnotateSettings":
         if self.demonstrations and "demonstrations" not in prompts.load_prompt(self.instruct_prompt).fields():
             raise ValueError(f"instruct_prompt {self.instruct_prompt!r} has no {{demonstrations}} field, so the "
                              f"{self.demonstrations} demonstrations would never be shown; add it, or set demonstrations: 0")
         return self
-
-    @field_validator("description_words", "instruction_words")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= v[0] <= v[1]:
-            raise ValueError(f"expected [min, max] with 0 <= min <= max, got {list(v)}")
-        return v
 
     def user_files(self) -> list[str]:
         """The files of the team's own that decide answers (prompts, demonstrations, banned phrases)."""
@@ -140,7 +186,7 @@ class AnnotateStage(Stage):
     name = "annotate"
     Settings = AnnotateSettings
     settings: AnnotateSettings
-    version = "2"  # 2: validation judges content (self-contradictions out; any names for the two images in)
+    version = "3"  # 3: describer kind (vision, text) per row; 2: validation judges content (self-contradictions out; any names for the two images in)
     loads_model = True
     reject_hint = ("Check the describer and instructor (annotate.describer / annotate.instructor: model, backend, prompts) "
                    "and the validation bounds; `megasynth sample` and the cached answers show what they wrote")  # fmt: skip
@@ -187,29 +233,29 @@ class AnnotateStage(Stage):
         import torch
 
         torch.set_num_threads(max(1, int(self.settings.cpus)))  # same threads, same numbers, on any executor
-        self.describer = make_generator(self.settings.describer, vision=True, workers=self.worker_count)
+        self.describer = make_generator(self.settings.describer, vision=self.settings.describer.kind == "vision", workers=self.worker_count)
         self.instructor = make_generator(self.settings.instructor, vision=False, workers=self.worker_count)
-        self.cache = None
-        self._generated = Counter()
+        cache = None
         if self.settings.cache:
             folder = Path(self.settings.cache_dir).expanduser() if self.settings.cache_dir else self.inputs["cache"]
-            self.cache = AnswerCache(folder, read_also=[reused_cache(run) for run in self.reuse_runs])
+            cache = AnswerCache(folder, read_also=[reused_cache(run) for run in self.reuse_runs])
+        self.asker = Asker(cache, self.settings.retries)
 
     def process(self, unit: Unit) -> Stats:
         s = self.settings
         rows = units.read_slices(self.inputs["pairs"], unit.payload["slices"]).to_pylist()
         stats = Stats(input=len(rows))
-        self._generated = stats.counters  # answers generated vs read from the cache, per step: what a variant cost
-        meta = catalog.lookup(
-            self.inputs["catalog"],
-            {r["query_id"] for r in rows} | {r["target_id"] for r in rows},
-            ["path", "offset", "size", "caption", "re_caption"],
-        )
+        self.asker.counters = stats.counters  # answers generated vs read from the cache, per step: what a variant cost
+        ids = {r["query_id"] for r in rows} | {r["target_id"] for r in rows}
+        meta = catalog.lookup(self.inputs["catalog"], ids, ["path", "offset", "size", "caption", "re_caption", "meta"])
+        known_as = captions.lookup(self.inputs["captions"], ids, ["text"])  # the one caption each image is known by
+        for image_id, m in meta.items():
+            m["known_as"] = (known_as.get(image_id) or {}).get("text") or ""
         prompt_names = {"describe_prompt": prompts.load_prompt(s.describe_prompt).name,  # a file's: name@digest
                         "instruct_prompt": prompts.load_prompt(s.instruct_prompt).name}
         for r in rows:
             r.update(status=annotations.OK, error=None, description=None, instructions=None, seed=s.seed,
-                     describe_attempts=0, instruct_attempts=0, describer=self.describer.model_name,
+                     describe_attempts=0, instruct_attempts=0, describer=self.describer.model_name, describer_kind=s.describer.kind,
                      instructor=self.instructor.model_name, **prompt_names,
                      word_num=None)
             if r["query_id"] not in meta or r["target_id"] not in meta:
@@ -232,26 +278,29 @@ class AnnotateStage(Stage):
         return stats
 
     def _describe(self, rows: list[dict], meta: dict) -> None:
-        """Loads the rows' images first (a pair with an unreadable image is rejected), then describes the rest."""
+        """Loads the rows' images first (a pair with an unreadable image is rejected), then describes the rest.
+        A text describer is shown no images, so none are loaded."""
         s = self.settings
         template = prompts.load_prompt(s.describe_prompt)
         bounds = Bounds(*s.description_words)
-        images = self._load_images(rows, meta)
+        vision = s.describer.kind == "vision"
+        images = self._load_images(rows, meta) if vision else {}
         rows = [r for r in rows if r["status"] == annotations.OK]
 
         def request(r: dict, attempt: int) -> ChatRequest:
             seed = request_seed(s.seed, r["pair_id"], "describe", attempt)
             r["word_num"] = prompts.draw_word_num(random.Random(seed))
             q, t = meta[r["query_id"]], meta[r["target_id"]]
-            text = prompts.describe_text(template, _caption(q, s.caption_field), _caption(t, s.caption_field), r["word_num"])
-            return ChatRequest(text, (images[q["id"]], images[t["id"]]), seed)
+            text = prompts.describe_text(template, q["known_as"], t["known_as"], r["word_num"],
+                                         _attributes(q, s.describe_attributes), _attributes(t, s.describe_attributes))  # fmt: skip
+            return ChatRequest(text, (images[q["id"]], images[t["id"]]) if vision else (), seed)
 
         rules = s.rules(template)
 
         def accept(r: dict, answer: str) -> None:
             r["description"] = check_description(answer, bounds, rules)
 
-        self._with_retries(rows, "describe", self.describer, s.describer, request, accept)
+        self.asker.with_retries(rows, "describe", self.describer, s.describer, request, accept, self._reject)
 
     def _instruct(self, rows: list[dict], meta: dict) -> None:
         s = self.settings
@@ -269,48 +318,10 @@ class AnnotateStage(Stage):
 
         def accept(r: dict, answer: str) -> None:
             t = meta[r["target_id"]]
-            r["instructions"] = parse_instructions(answer, s.instructions_per_pair, bounds, [t["caption"], t["re_caption"]],
+            r["instructions"] = parse_instructions(answer, s.instructions_per_pair, bounds, [t["known_as"], t["caption"], t["re_caption"]],
                                                    rules, shown[r["pair_id"]])  # fmt: skip
 
-        self._with_retries(rows, "instruct", self.instructor, s.instructor, request, accept)
-
-    def _with_retries(self, rows, step: str, generator, settings, request, accept) -> None:
-        pending = list(rows)
-        last: dict[str, str] = {}
-        for attempt in range(self.settings.retries + 1):
-            if not pending:
-                return
-            answers = self._answers(step, generator, settings, [request(r, attempt) for r in pending])
-            still = []
-            for r, answer in zip(pending, answers):
-                r[f"{step}_attempts"] = attempt + 1
-                try:
-                    if isinstance(answer, Failed):
-                        raise Invalid(answer.reason)
-                    accept(r, answer)
-                except Invalid as e:
-                    last[r["pair_id"]] = e.reason
-                    still.append(r)
-            pending = still
-        for r in pending:
-            self._reject(r, f"{step}.{last[r['pair_id']]}")
-
-    def _answers(self, step: str, generator, settings, requests: list[ChatRequest]) -> list:
-        """Answers from the cache where present; the rest generated and cached (failures are not cached)."""
-        if self.cache is None:
-            self._generated[f"{step}.generated"] += len(requests)
-            return generator.generate(requests)
-        keys = [request_key(step, settings.answer_fingerprint(), r) for r in requests]
-        known = self.cache.get_many(keys)
-        todo = [i for i, k in enumerate(keys) if k not in known]
-        self._generated[f"{step}.generated"] += len(todo)
-        self._generated[f"{step}.cached"] += len(keys) - len(todo)
-        fresh = generator.generate([requests[i] for i in todo]) if todo else []
-        self.cache.put_many({keys[i]: a for i, a in zip(todo, fresh) if isinstance(a, str)})
-        answers = [known.get(k) for k in keys]
-        for i, a in zip(todo, fresh):
-            answers[i] = a
-        return answers
+        self.asker.with_retries(rows, "instruct", self.instructor, s.instructor, request, accept, self._reject)
 
     @staticmethod
     def _reject(r: dict, reason: str) -> None:
@@ -342,17 +353,16 @@ class AnnotateStage(Stage):
         return img
 
 
-def reused_cache(run: Path) -> Path:
-    """The answer cache folder of another run folder: its `annotate.cache_dir` if it set one, else its cache/."""
-    import yaml
-
-    try:
-        cache_dir = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("annotate") or {}).get("cache_dir")
-    except FileNotFoundError:
-        cache_dir = None
-    return Path(cache_dir).expanduser() if cache_dir else run / "cache"
+def _kind_of(describer) -> str:
+    """The kind of a describer's settings, as written (a mapping) or as built."""
+    return describer.get("kind", "vision") if isinstance(describer, dict) else getattr(describer, "kind", "vision")
 
 
-def _caption(row: dict, preferred: str) -> str:
-    other = "re_caption" if preferred == "caption" else "caption"
-    return row.get(preferred) or row.get(other) or ""
+def _attributes(row: dict, keys: list[str] | None) -> str:
+    """An image's `attributes` kept from its corpus (the catalog's `meta`), as the describer is shown them; "" if none."""
+    kept = json.loads(row["meta"]) if row.get("meta") else {}
+    attributes = kept.get("attributes") if isinstance(kept, dict) else None
+    if not isinstance(attributes, dict):
+        return prompts.attributes_text(attributes) if attributes else ""
+    chosen = attributes if keys is None else {k: attributes[k] for k in keys if k in attributes}
+    return prompts.attributes_text(chosen)

@@ -26,6 +26,7 @@ SCHEMA = pa.schema(
         ("describe_attempts", pa.int32()),
         ("instruct_attempts", pa.int32()),
         ("describer", pa.string()),
+        ("describer_kind", pa.string()),  # "vision" (shown both images) or "text" (captions and attributes only)
         ("instructor", pa.string()),
         ("describe_prompt", pa.string()),
         ("instruct_prompt", pa.string()),

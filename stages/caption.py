@@ -24,7 +24,7 @@ from stages.annotation import prompts
 from stages.annotation.asking import Asker
 from stages.annotation.backends import ChatRequest, GeneratorSettings, api_key, check_endpoint, check_transport, gpus_needed, make_generator
 from stages.annotation.cache import AnswerCache, reused_cache
-from stages.annotation.validate import Bounds, Rules, check_caption
+from stages.annotation.validate import Bounds, Language, Rules, WordBounds, check_caption
 from stages.base import Resources, Stage, StageSettings, Stats, Unit, atomic_path, is_transient
 from stages.images import open_image
 from stages.models.encoders import check_model_path
@@ -50,8 +50,8 @@ class CaptionSettings(StageSettings):
     prompt: str = Field("caption-v1", json_schema_extra=CONFIG_RELATIVE, description=(
         "a packaged prompt (caption-v1) or a .txt template of your own, relative to the config file that names it; "
         "its field: {caption} (the image's corpus caption, or (none))"))
-    words: tuple[int, int] = Field((5, 80), description="bounds of a generated caption, in words (Chinese, Japanese: characters)")
-    language: str = Field("en", description="ISO 639-1 code of the language captions must be written in")
+    words: WordBounds = Field((5, 80), description="bounds of a generated caption, in words (Chinese, Japanese: characters)")
+    language: Language = Field("en", description="ISO 639-1 code of the language captions must be written in")
     retries: int = Field(2, ge=0, description="new-seed attempts after a rejected caption")
     image_side: int = Field(448, gt=0, description="longer side of the image shown to the captioner")
     chunk: int = Field(256, gt=0, description="images captioned per call to the backend (their pixels stay in memory)")
@@ -65,19 +65,6 @@ class CaptionSettings(StageSettings):
     @classmethod
     def _template(cls, v: str) -> str:
         prompts.check_template(prompts.load_prompt(v), PROMPT_FIELDS)
-        return v
-
-    @field_validator("language")
-    @classmethod
-    def _known_language(cls, v: str) -> str:
-        Rules(language=v)
-        return v
-
-    @field_validator("words")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= v[0] <= v[1]:
-            raise ValueError(f"expected [min, max] with 0 <= min <= max, got {list(v)}")
         return v
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import captions_of
 from stages import annotations, catalog, pairs
 from stages.annotate import AnnotateSettings, AnnotateStage
 from stages.annotation.backends import (
@@ -42,7 +43,7 @@ def test_sampling_follows_temperature_and_top_p():
 
 
 def test_transformers_backend_answers_each_request_as_if_alone(text_models):
-    gen = make_generator(TransformersSettings(model=str(text_models["instructor"]), device="cpu", batch_size=3, max_new_tokens=30), vision=False)
+    gen = make_generator(TransformersSettings(model=str(text_models["instructor"]), device="cpu", batch_size=3, max_new_tokens=100), vision=False)
     reqs = [ChatRequest(f"Description: the query image and the target image show {w}.\nInstructions:", (), seed=i)
             for i, w in enumerate(["cats", "two red circles on a long striped background", "a rocket", "coffee"])]  # fmt: skip
     batched = gen.generate(reqs)
@@ -71,6 +72,7 @@ def pair_inputs(tmp_path_factory, corpus):
     ingest = IngestStage(IngestSettings(corpus=CorpusSettings(paths=[str(corpus / "00000.tar")])), {}, tmp / "catalog")
     for u in ingest.plan()[0]:
         ingest.process(u)
+    captions_of(tmp / "catalog")
     ids = catalog.read(tmp / "catalog", "00000", columns=["id"])["id"].to_pylist()
     rows = [{"pair_id": pairs.pair_id(ids[i], ids[i + 1]), "query_id": ids[i], "target_id": ids[i + 1],
              "spaces": [{"space": "caption", "score": 0.9}], "hard_negatives": []} for i in range(0, 16, 2)]  # fmt: skip
@@ -86,7 +88,7 @@ def annotate(tmp, models, out, reuse=(), **kw) -> tuple:
         instructor=TransformersSettings(model=str(models["instructor"]), device="cpu", batch_size=8, max_new_tokens=100),
         seed=0, **kw,
     )  # fmt: skip
-    stage = AnnotateStage(settings, {"catalog": tmp / "catalog", "pairs": tmp / "pairs", "cache": tmp / f"cache-{out}"}, tmp / out)
+    stage = AnnotateStage(settings, {"catalog": tmp / "catalog", "captions": tmp / "captions", "pairs": tmp / "pairs", "cache": tmp / f"cache-{out}"}, tmp / out)
     stage.reuse_runs = tuple(reuse)
     stage.setup()
     stats = stage.process(stage.plan()[0][0])
@@ -174,6 +176,7 @@ def broken_copy(pair_inputs, tmp_path) -> set[str]:
     """The pair inputs with three images unreadable now (garbage, a short read, truncated bytes); their pair ids."""
     shutil.copytree(pair_inputs / "catalog", tmp_path / "catalog")
     shutil.copytree(pair_inputs / "pairs", tmp_path / "pairs")
+    shutil.copytree(pair_inputs / "captions", tmp_path / "captions")
     cat = catalog.read(tmp_path / "catalog", "00000", ok_only=False).to_pylist()
     ids = catalog.read(tmp_path / "catalog", "00000", columns=["id"])["id"].to_pylist()
     by_id = {r["id"]: r for r in cat}
@@ -208,7 +211,7 @@ def test_a_backend_lost_mid_unit_costs_at_most_the_chunk_in_flight(pair_inputs, 
         settings = AnnotateSettings(describer={**common, "base_url": srv.base_url, "model": "describer", "max_new_tokens": 120},
                                     instructor={**common, "base_url": srv.base_url, "model": "instructor", "max_new_tokens": 100},
                                     seed=0, retries=1, describe_chunk=3)  # fmt: skip
-        stage = AnnotateStage(settings, {"catalog": pair_inputs / "catalog", "pairs": pair_inputs / "pairs", "cache": tmp_path / f"cache-{out}"}, tmp_path / out)
+        stage = AnnotateStage(settings, {"catalog": pair_inputs / "catalog", "captions": pair_inputs / "captions", "pairs": pair_inputs / "pairs", "cache": tmp_path / f"cache-{out}"}, tmp_path / out)
         stage.setup()
         return stage.process(stage.plan()[0][0]), annotations.read(tmp_path / out, "pairs-00000", ok_only=False)
 

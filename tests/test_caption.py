@@ -13,7 +13,8 @@ import yaml
 
 from pipeline.config import ConfigError, load_config
 from pipeline.runner import run
-from stages import captions, embeddings
+from stages import annotations, captions, embeddings, pairs
+from stages.annotate import AnnotateSettings, AnnotateStage
 from stages.caption import choose_caption, needs_caption
 
 
@@ -79,6 +80,34 @@ def test_bare_images_get_captions_and_caption_vectors(bare_run):
     assert sorted(ids) == sorted(r["id"] for r in generated)
     status = json.loads((out / "_state" / "caption" / "stage.json").read_text())
     assert status["settings"]["mode"] == "missing"
+
+
+def test_the_describer_is_shown_the_caption_each_image_is_known_by(bare_run, text_models, tmp_path):
+    """Bare images: the describer's prompt holds the captions the caption stage wrote, not "(none)". The describer
+    sits behind an OpenAI-compatible server on 127.0.0.1 that keeps every prompt it is sent."""
+    from openai_server import OpenAIServer, load_generators
+
+    out, _ = bare_run
+    known = {r["id"]: r["text"] for r in pq.read_table(out / "captions").to_pylist() if r["text"]}
+    ids = sorted(known)[:6]
+    rows = [{"pair_id": pairs.pair_id(q, t), "query_id": q, "target_id": t, "spaces": [{"space": "semantic", "score": 0.9}],
+             "hard_negatives": []} for q, t in zip(ids[0::2], ids[1::2])]  # fmt: skip
+    (tmp_path / "pairs").mkdir()
+    pairs.write(tmp_path / "pairs" / "queries-00000.parquet", rows)
+    served = load_generators({"describer": (str(text_models["describer"]), True), "instructor": (str(text_models["instructor"]), False)})
+    with OpenAIServer(served) as srv:
+        common = {"backend": "openai", "base_url": srv.base_url, "max_retries": 0, "timeout_s": 120}
+        settings = AnnotateSettings(describer={**common, "model": "describer", "max_new_tokens": 120},
+                                    instructor={**common, "model": "instructor", "max_new_tokens": 100}, retries=0, seed=0)  # fmt: skip
+        inputs = {"catalog": out / "catalog", "captions": out / "captions", "pairs": tmp_path / "pairs", "cache": tmp_path / "cache"}
+        stage = AnnotateStage(settings, inputs, tmp_path / "annotations")
+        stage.setup()
+        stage.process(stage.plan()[0][0])
+        shown = [text for model, text in srv.state.prompts if model == "describer"]
+    assert len(shown) == len(rows) and all("(none)" not in text for text in shown)
+    for r in rows:  # each pair's request names both of its images by their generated captions
+        assert any(known[r["query_id"]] in text and known[r["target_id"]] in text for text in shown), r
+    assert len(annotations.read(tmp_path / "annotations", "pairs-00000", ok_only=False)) == len(rows)
 
 
 def test_captions_are_reused_from_the_answer_cache(bare_run, tmp_path):

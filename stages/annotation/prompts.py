@@ -23,7 +23,9 @@ DEMONSTRATIONS_FILE = Path(__file__).resolve().parent.parent / "data" / "demonst
 WORD_NUM_RANGE = (60, 100)
 
 # The fields each step's template may use; a template must use the required ones.
-DESCRIBE_FIELDS = {"query_caption", "target_caption", "word_num"}
+DESCRIBE_FIELDS = {"query_caption", "target_caption", "query_attributes", "target_attributes", "word_num"}
+# Packaged describe prompts that speak of images shown with the request: a text describer, shown none, cannot use them.
+VISION_PROMPTS = {"describe-v1"}
 INSTRUCT_FIELDS = {"description", "demonstrations", "n"}
 
 
@@ -160,11 +162,29 @@ def draw_word_num(rng: random.Random) -> int:
     return rng.randint(*WORD_NUM_RANGE)
 
 
-def describe_text(template: PromptTemplate, query_caption: str, target_caption: str, word_num: int) -> str:
-    """The text part of a describe request; the backend puts the query and target images before it."""
+def describe_text(template: PromptTemplate, query_caption: str, target_caption: str, word_num: int,
+                  query_attributes: str = "", target_attributes: str = "") -> str:  # fmt: skip
+    """The text of a describe request; a vision describer's backend puts the query and target images before it."""
     return template.render(
-        query_caption=query_caption or "(none)", target_caption=target_caption or "(none)", word_num=word_num
-    )
+        query_caption=query_caption or "(none)", target_caption=target_caption or "(none)", word_num=word_num,
+        query_attributes=query_attributes or "(none)", target_attributes=target_attributes or "(none)",
+    )  # fmt: skip
+
+
+def attributes_text(attributes: object) -> str:
+    """An image's attributes (nested JSON values, as a corpus keeps them) as one line a model reads: "key: value" parts
+    joined by "; ", nested objects as "key value" pairs, lists joined by " and "; empty values left out."""
+
+    def value(v: object) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {t}" for k, x in v.items() if (t := value(x)))
+        if isinstance(v, (list, tuple)):
+            return " and ".join(t for x in v if (t := value(x)))
+        return "" if v is None else str(v)
+
+    if not isinstance(attributes, dict):
+        return value(attributes)
+    return "; ".join(f"{k}: {t}" for k, v in attributes.items() if (t := value(v)))
 
 
 def instruct_text(

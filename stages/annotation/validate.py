@@ -19,6 +19,9 @@ import string
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 # ISO 639-1 code -> the Unicode scripts its letters are written in (the first word of a letter's Unicode name).
 LANGUAGES: dict[str, tuple[str, ...]] = {
@@ -136,6 +139,22 @@ class Rules:
 
 
 ENGLISH = Rules()
+
+
+def _known_language(v: str) -> str:
+    Rules(language=v)
+    return v
+
+
+def _ordered(v: tuple[int, int]) -> tuple[int, int]:
+    if not 0 <= v[0] <= v[1]:
+        raise ValueError(f"expected [min, max] with 0 <= min <= max, got {list(v)}")
+    return v
+
+
+# Setting types of the steps that validate answers (caption, annotate): checked when a config loads.
+Language = Annotated[str, AfterValidator(_known_language)]  # an ISO 639-1 code validation knows
+WordBounds = Annotated[tuple[int, int], AfterValidator(_ordered)]  # [min, max] words
 
 
 def words(text: str) -> list[str]:
