@@ -70,9 +70,7 @@ def write_card(run_dir: Path) -> Path:
     ann = config["annotate"]
     write = config["write"]
     cap = config.get("caption") or {}
-    generated = st.get("caption", {}).get("counters", {}).get("from.generated", 0)
-    writers = {**({"captioner": cap["captioner"]["model"]} if generated else {}),
-               **{role: ann[role]["model"] for role in ("describer", "instructor")}}  # fmt: skip
+    writers = text_writers(run_dir)
     toys = [f"{role} `{m}`" for role, m in writers.items() if is_toy_model(m)]
     lines = [
         "---",
@@ -121,7 +119,8 @@ def write_card(run_dir: Path) -> Path:
         + ", "
         f"at most {config['mine']['pairs_per_query']} targets per query, {config['mine']['hard_negatives']} hard negatives.",
         "",
-        f"Relation text: `{ann['describer']['model']}` with prompt `{_prompt_name(ann['describe_prompt'])}`; instructions: "
+        f"Relation text: `{ann['describer']['model']}` with prompt `{_prompt_name(ann['describe_prompt'])}`"
+        f"{' (a text LLM shown the two captions, no image: `describer.kind: text`)' if ann['describer'].get('kind') == 'text' else ''}; instructions: "
         f"`{ann['instructor']['model']}` with prompt `{_prompt_name(ann['instruct_prompt'])}`, {ann['instructions_per_pair']} per pair, "
         f"{ann['demonstrations']} demonstrations per request.",
         "",
@@ -187,6 +186,16 @@ def _feature(t: pa.DataType) -> dict:
 
 
 TOY_MODEL_MARKER = "demo_training.json"  # demo/toy_models.py writes it into each toy model's folder, with "toy_model": true
+
+
+def text_writers(run_dir: Path) -> dict[str, str]:
+    """role -> model, for each model that wrote a run's text: the captioner (when it wrote captions), the describer and
+    the instructor, as the run's config.yaml names them."""
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    ann, cap = config["annotate"], config.get("caption") or {}
+    generated = status(run_dir)["stages"].get("caption", {}).get("counters", {}).get("from.generated", 0)
+    return {**({"captioner": cap["captioner"]["model"]} if generated and cap.get("captioner") else {}),
+            **{role: ann[role]["model"] for role in ("describer", "instructor")}}  # fmt: skip
 
 
 def is_toy_model(model: str) -> bool:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from pipeline.report import is_toy_model, text_writers
 from pipeline.rundir import Ledger
 from stages import annotations, catalog
 from stages.images import open_image
@@ -34,6 +35,7 @@ STYLE = """
 .hn figure { margin: 0; width: 128px; } .hn img { width: 128px; height: 128px; object-fit: contain; background: #f4f4f4; }
 .cap, figcaption { font-size: 0.8em; color: #666; overflow-wrap: anywhere; }
 .t ol { margin: 0.4em 0; padding-left: 1.4em; } .t li { margin: 0.2em 0; }
+.toy { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.6em 1em; }
 .d { font-size: 0.9em; color: #444; } .meta { font-size: 0.75em; color: #888; }
 """
 
@@ -44,7 +46,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; colo
 {style}
 </style></head><body>
 <h1>{count} random triplets of {title}</h1>
-<p class="meta">Seed {seed}. Query left, target right; the instructions should lead from the query to the target.
+{notice}<p class="meta">Seed {seed}. Query left, target right; the instructions should lead from the query to the target.
 Below them the hard negatives, hardest first, each with its similarity to the query in the space where it scored highest.</p>
 {rows}
 </body></html>
@@ -66,8 +68,19 @@ MISSING = """<figure><div class="cap">{key}<br>{score}<br>(image not readable: {
 def sample_page(run_dir: Path, n: int = 20, seed: int = 0, out: Path | None = None) -> Path:
     rows = [triplet_html(t) for t in draw_triplets(run_dir, n, seed)]
     out = Path(out) if out else Path(run_dir) / "sample.html"
-    out.write_text(PAGE.format(title=html.escape(str(run_dir)), count=len(rows), seed=seed, style=STYLE, rows="\n".join(rows)))
+    out.write_text(PAGE.format(title=html.escape(str(run_dir)), count=len(rows), seed=seed, style=STYLE, rows="\n".join(rows),
+                               notice=toy_notice(run_dir)))  # fmt: skip
     return out
+
+
+def toy_notice(run_dir: Path) -> str:
+    """A warning paragraph when one of the models that wrote the run's text is a demo toy model; "" otherwise."""
+    toys = [f"{role} <code>{html.escape(m)}</code>" for role, m in text_writers(run_dir).items() if is_toy_model(m)]
+    if not toys:
+        return ""
+    return (f'<p class="toy"><b>Written by toy models.</b> The {" and the ".join(toys)} are tiny demo models trained for '
+            "minutes on the demo corpus's captions: the text below shows the output format, not text to train a "
+            "retrieval model on.</p>\n")  # fmt: skip
 
 
 def draw_triplets(run_dir: Path, n: int, seed: int = 0) -> list[dict]:
