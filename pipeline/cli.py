@@ -285,12 +285,14 @@ def demo_models(
     corpus: List[str] = typer.Option(..., "--corpus", help="the demo corpus shards (the small VLM/LLM train on their captions)"),
     out: Path = typer.Option(Path("assets/models"), "--out", help="folder for the model folders"),
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps of the tiny VLM/LLM (default: theirs)"),
+    real_text: bool = typer.Option(False, "--real-text", help="also SmolLM2-135M-Instruct, for configs/demo-real-text.yaml"),
 ) -> None:
-    """Build the offline demo's models: real EfficientNet-Lite0, DINOv2-S and MiniLM weights; tiny trained VLM/LLM."""
+    """Build the offline demo's models: real EfficientNet-Lite0, DINOv2-S and MiniLM weights; tiny trained VLM/LLM;
+    with --real-text, SmolLM2 converted from its GGUF."""
     from demo.assets import build_demo_models
 
     try:
-        paths = build_demo_models(corpus, out, steps=steps, log=console.print)
+        paths = build_demo_models(corpus, out, steps=steps, log=console.print, real_text=real_text)
     except USER_ERRORS as e:
         _fail(str(e))
     for name, path in paths.items():
