@@ -84,9 +84,8 @@ def write_card(run_dir: Path) -> Path:
         "synthesised by megasynth from an image-caption corpus.",
         "",
         *(
-            [f"> **Written by toy models.** The {' and the '.join(toys)} are tiny demo models trained for minutes on the",
-             f"> demo corpus's captions (marked by `{TOY_MODEL_MARKER}` with `toy_model: true` in the model folder): the descriptions",
-             "> and instructions show the pipeline's output format, not text to train a retrieval model on.", ""]
+            [f"> **Text from toy models.** {toy_sentence(toys)} (A toy model's folder holds `{TOY_MODEL_MARKER}` with",
+             "> `toy_model: true`.)", ""]
             if toys else []
         ),  # fmt: skip
         "## Contents",
@@ -196,6 +195,14 @@ def text_writers(run_dir: Path) -> dict[str, str]:
     generated = status(run_dir)["stages"].get("caption", {}).get("counters", {}).get("from.generated", 0)
     return {**({"captioner": cap["captioner"]["model"]} if generated and cap.get("captioner") else {}),
             **{role: ann[role]["model"] for role in ("describer", "instructor")}}  # fmt: skip
+
+
+def toy_sentence(toys: list[str]) -> str:
+    """What the card and the sample page say of the toy models (role and name, as each formats them) among a run's writers."""
+    one = len(toys) == 1
+    return (f"The {' and the '.join(toys)} {'is a tiny demo model' if one else 'are tiny demo models'} trained for minutes "
+            f"on the demo corpus's captions: the text {'it' if one else 'they'} wrote shows the pipeline's output format, "
+            "not text to train a retrieval model on.")  # fmt: skip
 
 
 def is_toy_model(model: str) -> bool:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from pipeline.report import is_toy_model, text_writers
+from pipeline.report import is_toy_model, text_writers, toy_sentence
 from pipeline.rundir import Ledger
 from stages import annotations, catalog
 from stages.images import open_image
@@ -78,9 +78,7 @@ def toy_notice(run_dir: Path) -> str:
     toys = [f"{role} <code>{html.escape(m)}</code>" for role, m in text_writers(run_dir).items() if is_toy_model(m)]
     if not toys:
         return ""
-    return (f'<p class="toy"><b>Written by toy models.</b> The {" and the ".join(toys)} are tiny demo models trained for '
-            "minutes on the demo corpus's captions: the text below shows the output format, not text to train a "
-            "retrieval model on.</p>\n")  # fmt: skip
+    return f'<p class="toy"><b>Text from toy models.</b> {toy_sentence(toys)}</p>\n'
 
 
 def draw_triplets(run_dir: Path, n: int, seed: int = 0) -> list[dict]:

@@ -84,7 +84,7 @@ def test_the_card_states_licences_and_the_toy_models_that_wrote_the_text(local_r
         model = config[role]["model"]
         assert is_toy_model(model)  # the test's text models are built by demo/toy_models.py, as the demo's are
         assert f"| {role} | `{model}` (toy model) | not stated |" in card
-    assert "**Written by toy models.**" in card
+    assert "**Text from toy models.** The describer `" in card and "are tiny demo models" in card
 
 
 def test_the_card_types_samples_without_hard_negatives_like_the_others(tmp_path, corpus):

@@ -182,7 +182,7 @@ def test_sample_page_shows_random_triplets(local_run, tmp_path):
     assert page.count('<div class="t">') == 3 and page.count('alt="query"') == page.count('alt="target"') == 3
     assert page.count('alt="hard negative"') == 12  # four per triplet, as thumbnails
     assert page.count("<li>") == 9
-    assert 'class="toy"' in page and "Written by toy models" in page  # the test run's describer and instructor are toys
+    assert 'class="toy"' in page and "Text from toy models" in page  # the test run's describer and instructor are toys
 
 
 def test_sample_draws_uniformly_in_one_pass():
