@@ -655,7 +655,7 @@ def instructor_examples(pairs: list[Pair], tokenizer, seed: int, demo_counts: li
     return examples
 
 
-def build_instructor(out_dir, corpus: str | list[str], steps: int = 500, seed: int = 0) -> Path:
+def build_instructor(out_dir, corpus: str | list[str], steps: int = 360, seed: int = 0) -> Path:
     """Train the toy instruct LLM on descriptions built from the corpus and save model + tokenizer.
 
     Half the steps see prompts without demonstrations, where a tiny model quickly learns to write
