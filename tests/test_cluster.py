@@ -75,12 +75,14 @@ def busy_workers(kind: str) -> list[psutil.Process]:
     return found
 
 
-def wait_until(condition, driver: Driver, what: str, timeout: float = 400) -> None:
+def wait_until(condition, driver: Driver, what: str, timeout: float = 400):
+    """The condition's first true value, polled while the driver runs."""
     deadline = time.time() + timeout
-    while not condition():
+    while not (value := condition()):
         assert driver.proc.poll() is None, f"the run ended before {what}:\n{driver.text()[-3000:]}"
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+    return value
 
 
 def worker_node_of(cluster, pid: int):
@@ -92,12 +94,26 @@ def worker_node_of(cluster, pid: int):
     return next((n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid in ancestors), None)
 
 
-def remove_busy_node(cluster, kind: str):
-    """Kill, without warning, a node running a unit of the stage now (any worker node if none is seen busy)."""
-    node = next((n for p in busy_workers(kind) if (n := worker_node_of(cluster, p.pid)) is not None), None)
-    node = node or next(iter(cluster.worker_nodes))
-    cluster.remove_node(node, allow_graceful=False)
-    cluster.add_node(num_cpus=1)  # a replacement joins, as on a cluster that autoscales
+def busy_node(cluster, kind: str):
+    """A worker node running a unit of the stage now (None: none is seen busy)."""
+    return next((n for p in busy_workers(kind) if (n := worker_node_of(cluster, p.pid)) is not None), None)
+
+
+def remove_node(cluster, node=None):
+    """Kill, without warning, `node` (any worker node if None); a replacement joins, as on a cluster that autoscales."""
+    cluster.remove_node(node or next(iter(cluster.worker_nodes)), allow_graceful=False)
+    cluster.add_node(num_cpus=1)
+
+
+def remove_busy_node(cluster, kind: str, driver: Driver, what: str) -> None:
+    """Wait until a worker runs a unit of the stage, then kill its node: the disturbance always lands on work
+    in flight, however fast or slow this machine is."""
+    remove_node(cluster, wait_until(lambda: busy_node(cluster, kind), driver, what))
+
+
+def kill_busy_worker(kind: str, driver: Driver, what: str) -> None:
+    """Wait until a worker runs a unit of the stage, then SIGKILL it."""
+    wait_until(lambda: busy_workers(kind), driver, what)[0].kill()
 
 
 def split_corpus(src: Path, dst: Path, per_shard: int) -> Path:
@@ -132,10 +148,10 @@ def test_ingest_survives_a_killed_task_and_a_lost_node(cluster, corpus, pipeline
 
     driver = Driver(tmp_path, "ingest.yaml", "--out", "runs/cluster", "--stage", "ingest", "--ray-address", cluster.address)
     run = tmp_path / "runs" / "cluster"
-    wait_until(lambda: units_done(run, "ingest") >= 1 and busy_workers("_task"), driver, "an ingest task was running")
-    busy_workers("_task")[0].kill()  # a worker process dies mid-unit
+    wait_until(lambda: units_done(run, "ingest") >= 1, driver, "an ingest unit was done")
+    kill_busy_worker("_task", driver, "an ingest task was running")  # a worker process dies mid-unit
     wait_until(lambda: units_done(run, "ingest") >= 6, driver, "more ingest units were done")
-    remove_busy_node(cluster, "_task")
+    remove_node(cluster, busy_node(cluster, "_task"))  # the last units may be done already: then any node goes
     assert driver.wait() == 0, driver.text()[-3000:]
     assert "its worker was lost" in driver.text()
     assert units_done(run, "ingest") == len(list(small.glob("*.tar")))
@@ -148,11 +164,11 @@ def test_a_run_survives_lost_nodes_a_killed_actor_and_a_killed_driver(cluster, l
     args = (str(pipeline_config), "--out", "runs/cluster", "--ray-address", cluster.address)
     driver = Driver(tmp_path, *args)
     wait_until(lambda: units_done(run, "embed") >= 1, driver, "an embed unit was done")
-    remove_busy_node(cluster, "_Worker.run")  # a node with a loaded model goes away mid-unit
-    wait_until(lambda: units_done(run, "annotate") >= 1 and busy_workers("_Worker.run"), driver, "an annotate unit was running")
-    busy_workers("_Worker.run")[0].kill()  # an actor dies mid-unit
+    remove_busy_node(cluster, "_Worker.run", driver, "a unit was running")  # a node with a loaded model goes away mid-unit
+    wait_until(lambda: units_done(run, "annotate") >= 1, driver, "an annotate unit was done")
+    kill_busy_worker("_Worker.run", driver, "an annotate unit was running")  # an actor dies mid-unit
     wait_until(lambda: units_done(run, "annotate") >= 2, driver, "another annotate unit was done")
-    remove_busy_node(cluster, "_Worker.run")
+    remove_busy_node(cluster, "_Worker.run", driver, "an annotate unit was running")
     wait_until(lambda: units_done(run, "annotate") >= 3, driver, "a third annotate unit was done")
     first = driver.text()
     driver.proc.kill()  # the driver dies mid-run
